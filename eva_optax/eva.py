@@ -1,0 +1,209 @@
+"""Eva: Kronecker-vectorized second-order optimization by Sherman–Morrison.
+
+Zhang, Shi, Li, "Eva: Practical Second-order Optimization with Kronecker-vectorized
+Approximation", ICLR 2023; journal extension "Eva: A General Vectorized Approximation Framework
+for Second-order Optimization". Math and conventions: DESIGN §4.
+
+Per layer the Fisher is approximated by the rank-one Kronecker product F̃ = (ā āᵀ) ⊗ (ḡ ḡᵀ) of
+two running vectors, and the damped inverse applies in closed form (Sherman–Morrison):
+
+    V = γ (F̃ + γI)⁻¹ vec(Ĝ) = Ĝ − [āᵀ Ĝ ḡ / (‖ā‖²‖ḡ‖² + γ)] · ā ḡᵀ
+
+in O(d_in·d_out) time and O(d_in + d_out) state.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax import collectors, layers, transform
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+DAMPING_MODES = ("absolute", "relative")
+SCALINGS = ("kl_normalize", "kl_clip", None)
+
+
+class EvaLayerTerms(NamedTuple):
+  """One layer's Sherman–Morrison terms (all float32).
+
+  Attributes:
+    direction: V = γ_eff (F̃ + γ_eff I)⁻¹ Ĝ, shape of Ĝ.
+    damping: γ_eff, scalar.
+    signal: ‖ā‖²‖ḡ‖², scalar — the one nonzero eigenvalue of F̃.
+  """
+
+  direction: jax.Array
+  damping: jax.Array
+  signal: jax.Array
+
+
+def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, damping,
+              damping_mode: str = "relative", relative_damping=0.5) -> EvaLayerTerms:
+  """Sherman–Morrison direction of one layer (DESIGN §4).
+
+  Args:
+    stats: ā ``(d_in[+1],)`` (bias-augmented when Ĝ has a bias row) and ḡ ``(d_out,)``, float32.
+    grad_matrix: Ĝ ``[d_in[+1], d_out]`` float32.
+    damping: γ > 0 in per-example units.
+    damping_mode: ``"absolute"``: γ_eff = γ; ``"relative"``: γ_eff = max(γ, λ‖ā‖²‖ḡ‖²), which
+      bounds the fraction of Ĝ's ā ḡᵀ component the correction removes by 1/(1+λ).
+    relative_damping: λ ≥ 0 of the relative mode.
+  """
+  a, g = stats.a, stats.g
+  signal = jnp.dot(a, a, precision=_HIGHEST) * jnp.dot(g, g, precision=_HIGHEST)
+  gamma = jnp.asarray(damping, jnp.float32)
+  if damping_mode == "relative":
+    gamma = jnp.maximum(gamma, jnp.asarray(relative_damping, jnp.float32) * signal)
+  projection = jnp.einsum("i,ij,j->", a, grad_matrix, g, precision=_HIGHEST)
+  direction = grad_matrix - (projection / (signal + gamma)) * jnp.outer(a, g)
+  return EvaLayerTerms(direction, gamma, signal)
+
+
+def _check(damping, damping_mode, relative_damping, scaling) -> None:
+  transform.check_positive("damping", damping)
+  if damping_mode not in DAMPING_MODES:
+    raise ValueError(f"eva_optax: damping_mode must be one of {DAMPING_MODES}, "
+                     f"got {damping_mode!r}.")
+  if damping_mode == "relative" and not isinstance(relative_damping, jax.core.Tracer) \
+      and float(relative_damping) < 0:
+    raise ValueError(f"eva_optax: relative_damping must be >= 0, got {relative_damping!r}.")
+  if scaling not in SCALINGS:
+    raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
+
+
+def scale_by_eva(
+    damping: float = 1e-3,
+    *,
+    damping_mode: str = "relative",
+    relative_damping: float = 0.5,
+    stat_decay: float = 0.95,
+    scaling: Optional[str] = "kl_normalize",
+    kl_clip: float = 1e-3,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    batch_size: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva's preconditioned direction, to compose with momentum and a learning rate.
+
+  Args:
+    damping: γ > 0, float, in per-example units (statistics are per-example means, so γ means the
+      same at every batch size and device count). In ``"relative"`` mode it is only a floor.
+      The reference's γ_ref at batch B converts to γ = γ_ref·B².
+    damping_mode: ``"relative"`` (default; γ_eff = max(γ, λ‖ā‖²‖ḡ‖²)) or ``"absolute"``
+      (γ_eff = γ, the reference).
+    relative_damping: λ ≥ 0 of the relative mode (default 0.5: at most 2/3 of the gradient's
+      ā ḡᵀ component is removed).
+    stat_decay: weight of the *new* statistics in the running averages (reference convention):
+      m ← stat_decay·new + (1 − stat_decay)·m, and m = new on the first step.
+    scaling: applied once over all captured layers.
+      ``"kl_normalize"`` (journal, default): V / √Σ⟨V, Ĝ⟩.
+      ``"kl_clip"`` (ICLR): on the reference's direction Ṽ = B²(F̃ + γ_eff I)⁻¹Ĝ, the factor
+      ν = min(1, √(κ / (η² Σ⟨Ṽ, Ĝ⟩))) with η = ``learning_rate`` at this step.
+      ``None``: the update is exactly V = γ_eff (F̃ + γ_eff I)⁻¹ Ĝ.
+    kl_clip: κ > 0 of ``"kl_clip"`` (reference 0.001).
+    learning_rate: η for ``"kl_clip"`` (float or optax schedule, evaluated at the step count).
+    batch_size: per-device batch size B, used only by ``"kl_clip"`` to express the direction in
+      the reference's mean-loss units (its ḡ is ḡ/B, its γ is γ/B²); 1 keeps per-example units.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
+    with ``curvature`` of :class:`~eva_optax.KroneckerVectors` records (capture them with
+    ``eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_vectors")``).
+
+  Raises:
+    ValueError: ``damping <= 0``, ``kl_clip <= 0``, a negative ``relative_damping``, unknown
+      ``damping_mode`` or ``scaling``, ``"kl_clip"`` without ``learning_rate``; at update time
+      (trace time under jit) missing or mismatched ``curvature``.
+  """
+  _check(damping, damping_mode, relative_damping, scaling)
+  natural = scaling == "kl_clip"
+
+  def apply(stats, state, grad_matrix):
+    del state
+    terms = eva_layer(stats, grad_matrix, damping, damping_mode, relative_damping)
+    if natural:
+      return terms.direction * (batch_size ** 2 / terms.damping)
+    return terms.direction
+
+  preconditioner = transform.Preconditioner(
+      init=lambda kernel, has_bias: (), update=lambda stats, state, count: state, apply=apply)
+  if scaling == "kl_normalize":
+    scale = transform.kl_normalize()
+  elif scaling == "kl_clip":
+    scale = transform.kl_clip(kl_clip, learning_rate)
+  else:
+    scale = transform.no_scaling()
+  return transform.scale_by_kronecker(
+      collectors.kronecker_vectors(stat_decay), preconditioner, scale)
+
+
+def eva(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: float = 1e-3,
+    damping_mode: str = "relative",
+    relative_damping: float = 0.5,
+    stat_decay: float = 0.95,
+    scaling: Optional[str] = "kl_normalize",
+    kl_clip: float = 1e-3,
+    batch_size: int = 1,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  """The complete Eva optimizer, in the reference's order:
+  precondition (:func:`scale_by_eva`) → ``optax.add_decayed_weights(weight_decay)`` →
+  ``optax.trace(momentum, nesterov)`` → ``−learning_rate``.
+
+  Args:
+    learning_rate: η, float or optax schedule.
+    momentum: heavy-ball coefficient of ``optax.trace`` (default 0.9).
+    nesterov: Nesterov momentum.
+    weight_decay: L2 coefficient added to the *preconditioned* direction (reference order).
+    damping, damping_mode, relative_damping, stat_decay, scaling, kl_clip, batch_size: as in
+      :func:`scale_by_eva`.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
+    curvature=curvature)``. Works in ``optax.chain`` and ``optax.inject_hyperparams``.
+  """
+  return optax.chain(
+      scale_by_eva(damping, damping_mode=damping_mode, relative_damping=relative_damping,
+                   stat_decay=stat_decay, scaling=scaling, kl_clip=kl_clip,
+                   learning_rate=learning_rate, batch_size=batch_size),
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
+                    damping: float = 1e-3, damping_mode: str = "relative",
+                    relative_damping: float = 0.5) -> dict[str, dict[str, jax.Array]]:
+  """Whether the second-order correction does anything, per layer.
+
+  Args:
+    grads: gradient pytree (as passed to ``update``).
+    stats: the running statistics, ``ScaleByKroneckerState.stats`` (e.g.
+      ``optax.tree_utils.tree_get(opt_state, "stats")``).
+    damping, damping_mode, relative_damping: as given to :func:`scale_by_eva`.
+
+  Returns:
+    ``{layer: {"signal_to_damping": ‖ā‖²‖ḡ‖²/γ_eff, "removed_fraction": 1 − ⟨V,Ĝ⟩/⟨Ĝ,Ĝ⟩}}``
+    (float32 scalars) for every layer with nonzero statistics.
+  """
+  out = {}
+  for name, layer in layers.find_layers(grads).items():
+    if name not in stats:
+      continue
+    layer_stats = collectors.vectors_with_bias(stats[name]) if "bias" in layer else stats[name]
+    matrix = layers.to_matrix(layer)
+    terms = eva_layer(layer_stats, matrix, damping, damping_mode, relative_damping)
+    out[name] = {
+        "signal_to_damping": terms.signal / terms.damping,
+        "removed_fraction": 1.0 - jnp.vdot(terms.direction, matrix) / jnp.vdot(matrix, matrix),
+    }
+  return out
