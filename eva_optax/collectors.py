@@ -98,7 +98,9 @@ def flatten_curvature(curvature) -> dict[layers.LayerName, NamedTuple]:
 
 
 def unflatten_curvature(flat: Mapping[layers.LayerName, NamedTuple]) -> dict:
-  """Inverse of :func:`flatten_curvature`."""
+  """Inverse of :func:`flatten_curvature` (a model that is a single layer maps to its record)."""
+  if "" in flat:
+    return flat[""]
   nested: dict = {}
   for name, record in flat.items():
     *parents, leaf = name.split("/")

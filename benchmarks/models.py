@@ -1,0 +1,159 @@
+"""Benchmark tasks: a Flax Linen model, its loss, its test metric and its data.
+
+Every loss is a **mean over the batch**: ``eva_optax.flax.value_and_grad`` rescales the captured
+statistics by the batch size into per-example units, which is only right for a mean.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import datasets
+
+EVAL_CHUNK = 1000  # examples per jitted evaluation call, to bound memory on large test sets
+
+
+class MLP(nn.Module):
+  """Dense layers with ReLU between them; the last layer is linear (logits)."""
+
+  features: Sequence[int]
+
+  @nn.compact
+  def __call__(self, x):
+    for width in self.features[:-1]:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.features[-1])(x)
+
+
+class Autoencoder(nn.Module):
+  """The deep MNIST autoencoder 784-1000-500-250-30-250-500-1000-784 (ReLU, linear 30-unit
+  code). It returns logits: the sigmoid output lives in the loss, which is numerically safer."""
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (1000, 500, 250):
+      x = nn.relu(nn.Dense(width)(x))
+    x = nn.Dense(30)(x)
+    for width in (250, 500, 1000):
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(784)(x)
+
+
+class CNN(nn.Module):
+  """Three 3x3 convolutions (the last two with stride 2), then a 128-unit hidden layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (3, 3), padding="SAME")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), strides=2, padding="SAME")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), strides=2, padding="SAME")(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(128)(x))
+    return nn.Dense(10)(x)
+
+
+class Task(NamedTuple):
+  """One benchmark problem.
+
+  Attributes:
+    name: the ``--task`` name.
+    model: the Flax Linen module; ``model.apply({"params": p}, x)`` gives the output.
+    loss: ``(output, targets) -> scalar``, the mean over the batch.
+    metric_name: what ``metric`` measures, for tables and plots.
+    metric: ``(params, x, y) -> float`` on a whole (test) set.
+    eval_loss: ``(params, x, y) -> float``, ``loss`` over a whole set.
+    batch_size: default minibatch size.
+    epochs: default number of epochs.
+    load: ``data_dir -> Dataset`` of raw data.
+    prepare: ``Dataset -> Dataset`` of model inputs and loss targets (flattening, targets = inputs).
+    log_loss: whether loss curves read better on a log axis.
+  """
+
+  name: str
+  model: nn.Module
+  loss: Callable[[jax.Array, jax.Array], jax.Array]
+  metric_name: str
+  metric: Callable[..., float]
+  eval_loss: Callable[..., float]
+  batch_size: int
+  epochs: int
+  load: Callable[[Optional[str]], datasets.Dataset]
+  prepare: Callable[[datasets.Dataset], datasets.Dataset]
+  log_loss: bool = False
+
+
+def chunked_mean(batch_mean: Callable, params, x: np.ndarray, y: np.ndarray) -> float:
+  """Mean over a whole set of a jitted per-batch mean, evaluated in chunks of ``EVAL_CHUNK``."""
+  total = 0.0
+  for start in range(0, len(x), EVAL_CHUNK):
+    xs, ys = x[start:start + EVAL_CHUNK], y[start:start + EVAL_CHUNK]
+    total += float(batch_mean(params, xs, ys)) * len(xs)
+  return total / len(x)
+
+
+def cross_entropy(logits, labels):
+  """Softmax cross-entropy with integer labels, mean over the batch."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def reconstruction_error(logits, images):
+  """Sigmoid cross-entropy summed over pixels, mean over the batch."""
+  return optax.sigmoid_binary_cross_entropy(logits, images).sum(axis=-1).mean()
+
+
+def _flatten(data: datasets.Dataset) -> datasets.Dataset:
+  flat = lambda x: x.reshape(len(x), -1)
+  return data._replace(x_train=flat(data.x_train), x_test=flat(data.x_test))
+
+
+def _reconstruct(data: datasets.Dataset) -> datasets.Dataset:
+  data = _flatten(data)
+  return data._replace(y_train=data.x_train, y_test=data.x_test)
+
+
+def accuracy(logits, labels):
+  """Fraction of correct argmax predictions in the batch."""
+  return jnp.mean(logits.argmax(axis=-1) == labels)
+
+
+def _over_set(model: nn.Module, batch_fn: Callable) -> Callable[..., float]:
+  """``(params, x, y) -> float``: ``batch_fn(output, y)`` averaged over a whole set."""
+  jitted = jax.jit(lambda p, x, y: batch_fn(model.apply({"params": p}, x), y))
+  return lambda p, x, y: chunked_mean(jitted, p, x, y)
+
+
+def _task(name, model, loss, batch_size, epochs, load, prepare, classifier=True, log_loss=False):
+  eval_loss = _over_set(model, loss)
+  # Classifiers report test accuracy, the autoencoder its loss on the test set.
+  if classifier:
+    metric_name, metric = "test accuracy", _over_set(model, accuracy)
+  else:
+    metric_name, metric = "test reconstruction error", eval_loss
+  return Task(name, model, loss, metric_name, metric, eval_loss, batch_size, epochs, load,
+              prepare, log_loss)
+
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "digits_mlp": lambda: _task("digits_mlp", MLP((128, 10)), cross_entropy, 128, 20,
+                                lambda _: datasets.load_digits(), lambda d: d),
+    "mnist_autoencoder": lambda: _task("mnist_autoencoder", Autoencoder(), reconstruction_error,
+                                       1000, 4, datasets.load_mnist, _reconstruct,
+                                       classifier=False, log_loss=True),
+    "mnist_mlp": lambda: _task("mnist_mlp", MLP((512, 256, 10)), cross_entropy, 256, 2,
+                               datasets.load_mnist, _flatten),
+    "mnist_cnn": lambda: _task("mnist_cnn", CNN(), cross_entropy, 128, 2, datasets.load_mnist,
+                               lambda d: d),
+}
+
+
+def get_task(name: str) -> Task:
+  """The task called ``name``; raises ``ValueError`` listing the known tasks otherwise."""
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}.")
+  return TASKS[name]()

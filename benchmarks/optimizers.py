@@ -1,0 +1,111 @@
+"""The optimizers a benchmark can run, and the ``NAME:key=value`` syntax that configures them.
+
+Registering an optimizer is one entry in :data:`OPTIMIZERS`.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import optax
+
+import eva_optax
+
+
+class OptimizerSpec(NamedTuple):
+  """How to build one optimizer.
+
+  Attributes:
+    make: ``make(learning_rate, **kwargs) -> optax.GradientTransformation``.
+    statistics: ``None`` for first-order optimizers (``jax.value_and_grad``), else the
+      ``statistics`` argument of ``eva_optax.flax.value_and_grad`` whose output the update needs
+      as ``curvature``.
+    default_lr: learning rate per task name.
+    defaults: keyword arguments passed to ``make`` unless the command line overrides them.
+  """
+
+  make: Callable[..., optax.GradientTransformation]
+  statistics: Optional[str] = None
+  default_lr: Mapping[str, float] = {}
+  defaults: Mapping[str, Any] = {}
+
+
+def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn) -> dict[str, float]:
+  return dict(digits_mlp=digits_mlp, mnist_autoencoder=mnist_autoencoder, mnist_mlp=mnist_mlp,
+              mnist_cnn=mnist_cnn)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(optax.sgd, None, _per_task(0.1, 0.01, 0.05, 0.05), {"momentum": 0.9}),
+    "adam": OptimizerSpec(optax.adam, None, _per_task(1e-3, 1e-3, 1e-3, 1e-3)),
+    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(0.1, 0.5, 0.1, 0.1)),
+}
+
+
+class RunConfig(NamedTuple):
+  """One ``--optimizers`` entry: its label (the entry itself), registry name, lr and kwargs."""
+
+  label: str
+  name: str
+  lr: Optional[float]
+  kwargs: dict[str, Any]
+
+
+def _value(text: str) -> Any:
+  if text.lower() == "none":
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word such as kl_clip or absolute
+
+
+def parse_entry(entry: str) -> RunConfig:
+  """Parses ``NAME`` or ``NAME:key=value:...``; ``lr`` sets the learning rate, the other keys
+  are keyword arguments of the optimizer's ``make``. Values are Python literals, ``none`` or
+  bare strings.
+
+  Raises:
+    ValueError: an unknown optimizer, a malformed ``key=value`` or a key ``make`` does not take.
+  """
+  name, *pairs = entry.strip().split(":")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r} in {entry!r}; choose from {sorted(OPTIMIZERS)}.")
+  params = inspect.signature(OPTIMIZERS[name].make).parameters
+  first = next(iter(params))  # the learning rate, set through `lr`
+  accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+  lr, kwargs = None, {}
+  for pair in pairs:
+    key, sep, text = pair.partition("=")
+    if not sep or not key:
+      raise ValueError(f"expected key=value, got {pair!r} in {entry!r}.")
+    if key == "lr":
+      lr = _value(text)
+    elif (key in params and key != first) or accepts_any:
+      kwargs[key] = _value(text)
+    else:
+      known = sorted(k for k in params if k != first)
+      raise ValueError(f"{name} takes no argument {key!r} (in {entry!r}); use lr or {known}.")
+  return RunConfig(entry.strip(), name, lr, kwargs)
+
+
+def make_kwargs(config: RunConfig) -> dict[str, Any]:
+  """Every keyword argument the run's ``make`` receives or defaults: signature defaults, then
+  the registry's ``defaults``, then the command line's."""
+  spec = OPTIMIZERS[config.name]
+  params = inspect.signature(spec.make).parameters.values()
+  signature = {p.name: p.default for p in params if p.default is not p.empty}
+  return {**signature, **spec.defaults, **config.kwargs}
+
+
+def learning_rate(config: RunConfig, task: str) -> float:
+  """The run's ``lr``, else the registry's default for ``task``."""
+  if config.lr is not None:
+    return config.lr
+  lrs = OPTIMIZERS[config.name].default_lr
+  if task not in lrs:
+    raise ValueError(f"{config.name} has no default learning rate for {task}; pass "
+                     f"{config.name}:lr=VALUE.")
+  return lrs[task]

@@ -1,0 +1,121 @@
+"""One training run of one optimizer: jitted steps, step timing, divergence, per-epoch evals."""
+
+from __future__ import annotations
+
+import math
+import time
+from statistics import median
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import eva_optax
+from benchmarks import datasets, models
+
+
+def loss_fn(task: models.Task):
+  """``(params, x, y) -> scalar`` training loss of the task's model."""
+  return lambda params, x, y: task.loss(task.model.apply({"params": params}, x), y)
+
+
+def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: Optional[str]):
+  """Jitted ``(params, state, x, y) -> (params, state, loss)``.
+
+  First-order optimizers take plain gradients; second-order ones also get the per-layer
+  statistics captured in the same forward/backward pass as ``curvature``.
+  """
+  if statistics is None:
+    grad_fn = jax.value_and_grad(loss_fn(task))
+  else:
+    capture = eva_optax.flax.value_and_grad(loss_fn(task), statistics=statistics)
+
+  @jax.jit
+  def step(params, state, x, y):
+    if statistics is None:
+      loss, grads = grad_fn(params, x, y)
+      updates, state = tx.update(grads, state, params)
+    else:
+      (loss, grads), curvature = capture(params, x, y)
+      updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step
+
+
+def state_bytes(state) -> int:
+  """Bytes held by the optimizer state's arrays."""
+  return int(sum(leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, "nbytes")))
+
+
+def train(task: models.Task, data: datasets.Dataset, tx: optax.GradientTransformation,
+          statistics: Optional[str], params, orders: Sequence[np.ndarray], batch_size: int,
+          total_steps: int, eval_set: tuple[np.ndarray, np.ndarray], first_eval: dict,
+          desc: str = ""):
+  """Trains ``params`` with ``tx`` for ``total_steps`` minibatches.
+
+  Args:
+    orders: one permutation of the training set per epoch (shared by every optimizer at a seed,
+      so all see the same batches); the last incomplete batch of an epoch is dropped.
+    eval_set: the fixed training subset whose loss is reported per epoch.
+    first_eval: ``{"train_loss", "metric"}`` of the initial ``params``.
+
+  Returns:
+    ``(result, params, state)``: ``result`` has the minibatch curve (``step`` = updates applied
+    before the loss was measured, ``wall`` = seconds of step execution before it, the first,
+    compiling step excluded), ``evals`` after every epoch and at the end, ``step_times`` (s),
+    ``median_step_s``, ``state_bytes``, ``diverged`` and ``diverged_step``.
+  """
+  step = make_step(task, tx, statistics)
+  state = tx.init(params)
+  per_epoch = len(orders[0]) // batch_size
+  curve = {"step": [], "loss": [], "wall": []}
+  evals = [dict(first_eval, step=0, epoch=0.0, wall=0.0)]
+  times, wall, diverged_step = [], 0.0, None
+  bar = tqdm(total=total_steps, desc=desc, leave=False, mininterval=0.5)
+  for k in range(total_steps):
+    epoch, i = divmod(k, per_epoch)
+    index = orders[epoch][i * batch_size:(i + 1) * batch_size]
+    x, y = data.x_train[index], data.y_train[index]
+    start = time.perf_counter()
+    params, state, loss = step(params, state, x, y)
+    jax.block_until_ready((params, state, loss))
+    elapsed = time.perf_counter() - start
+    loss = float(loss)
+    if not math.isfinite(loss):
+      diverged_step = k
+      break
+    curve["step"].append(k)
+    curve["loss"].append(loss)
+    curve["wall"].append(wall)
+    if k > 0:  # the first call compiles
+      times.append(elapsed)
+      wall += elapsed
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+    if (k + 1) % per_epoch == 0 or k + 1 == total_steps:
+      evals.append({"step": k + 1, "epoch": (k + 1) / per_epoch, "wall": wall,
+                    "train_loss": task.eval_loss(params, *eval_set),
+                    "metric": task.metric(params, data.x_test, data.y_test)})
+  bar.close()
+  if diverged_step is None and not math.isfinite(evals[-1]["train_loss"]):
+    diverged_step = total_steps
+  result = {"curve": curve, "evals": evals, "step_times": times,
+            "median_step_s": median(times) if times else None,
+            "state_bytes": state_bytes(state), "diverged": diverged_step is not None,
+            "diverged_step": diverged_step}
+  return result, params, state
+
+
+def eva_diagnostics(task: models.Task, params, state, x: np.ndarray, y: np.ndarray,
+                    kwargs: dict) -> dict[str, dict[str, float]]:
+  """Per layer ``signal_to_damping`` and ``removed_fraction`` of an Eva run's final state, with
+  the gradient of the batch ``(x, y)`` and the damping settings in ``kwargs``."""
+  grads = jax.jit(jax.grad(loss_fn(task)))(params, x, y)
+  terms = eva_optax.eva_diagnostics(
+      grads, optax.tree_utils.tree_get(state, "stats"), damping=kwargs["damping"],
+      damping_mode=kwargs["damping_mode"], relative_damping=kwargs["relative_damping"])
+  return {layer: {key: float(value) for key, value in values.items()}
+          for layer, values in terms.items()}

@@ -1,0 +1,137 @@
+"""Benchmark CLI: IDX loading, the optimizer-entry syntax and short end-to-end runs."""
+
+import gzip
+import json
+import math
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from benchmarks import datasets, optimizers, run
+
+
+def write_idx(path, array, magic):
+  header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(directory, n_train=3, n_test=2, seed=0):
+  """Tiny synthetic MNIST in the standard file names; returns the arrays written."""
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  arrays = {}
+  for split, n in (("train", n_train), ("t10k", n_test)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, (n,), dtype=np.uint8)
+    write_idx(directory / f"{split}-images-idx3-ubyte.gz", images, datasets.IMAGES_MAGIC)
+    write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels, datasets.LABELS_MAGIC)
+    arrays[split] = images, labels
+  return arrays
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  """Any download attempt fails, as without network."""
+  def fail(url, path, md5):
+    raise OSError(f"offline: {url}")
+  monkeypatch.setattr(datasets, "download_file", fail)
+
+
+def test_idx_round_trip(tmp_path, offline):
+  arrays = write_mnist(tmp_path / "mnist")
+  data = datasets.load_mnist(str(tmp_path))  # found in the mnist/ subfolder
+  images, labels = arrays["train"]
+  assert data.x_train.shape == (3, 28, 28, 1) and data.x_train.dtype == np.float32
+  assert data.x_test.shape == (2, 28, 28, 1)
+  np.testing.assert_allclose(data.x_train[..., 0], images / 255.0, rtol=1e-6)
+  assert data.y_train.dtype == np.int32
+  np.testing.assert_array_equal(data.y_train, labels)
+  np.testing.assert_array_equal(data.y_test, arrays["t10k"][1])
+
+
+def test_environment_variable_points_at_the_files(tmp_path, monkeypatch, offline):
+  write_mnist(tmp_path)
+  monkeypatch.setenv("EVA_OPTAX_DATA", str(tmp_path))
+  assert datasets.load_mnist().x_train.shape == (3, 28, 28, 1)
+
+
+def test_bad_magic_raises(tmp_path):
+  path = tmp_path / "labels.gz"
+  write_idx(path, np.zeros((4,), np.uint8), datasets.IMAGES_MAGIC)
+  with pytest.raises(ValueError, match="magic"):
+    datasets.read_idx(path, datasets.LABELS_MAGIC)
+
+
+def test_missing_files_name_the_directory(tmp_path, offline):
+  with pytest.raises(FileNotFoundError) as error:
+    datasets.load_mnist(str(tmp_path / "nowhere"))
+  message = str(error.value)
+  assert str(tmp_path / "nowhere") in message
+  assert "train-images-idx3-ubyte.gz" in message and "EVA_OPTAX_DATA" in message
+
+
+def test_missing_files_in_default_cache(tmp_path, monkeypatch, offline):
+  monkeypatch.delenv("EVA_OPTAX_DATA", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="--data-dir") as error:
+    datasets.load_mnist()
+  assert str(tmp_path / ".cache" / "eva_optax" / "mnist") in str(error.value)
+
+
+def test_parse_entry():
+  config = optimizers.parse_entry("eva:lr=0.3:damping_mode=absolute:scaling=none")
+  assert config.label == "eva:lr=0.3:damping_mode=absolute:scaling=none"
+  assert config.name == "eva" and config.lr == 0.3
+  assert config.kwargs == {"damping_mode": "absolute", "scaling": None}
+  assert optimizers.make_kwargs(config)["relative_damping"] == 0.5  # the signature default
+  assert optimizers.parse_entry("sgd").kwargs == {}
+  for bad in ("nadam", "eva:dampng=1", "eva:damping"):
+    with pytest.raises(ValueError):
+      optimizers.parse_entry(bad)
+
+
+def test_digits_run(tmp_path):
+  results = run.main(["--task", "digits_mlp", "--steps", "30", "--optimizers", "sgd,adam,eva",
+                      "--out", str(tmp_path)])
+  assert (tmp_path / "digits_mlp.png").is_file()
+  written = json.loads((tmp_path / "digits_mlp.json").read_text())
+  assert set(written["runs"]) == {"sgd", "adam", "eva"}
+  assert written["environment"]["platform"] == "cpu"
+  for label, entry in results["runs"].items():
+    evals = entry["seeds"][0]["evals"]
+    assert not entry["summary"]["diverged"], label
+    assert math.isfinite(evals[-1]["train_loss"]) and evals[-1]["train_loss"] < evals[0]["train_loss"]
+    assert len(entry["seeds"][0]["curve"]["loss"]) == 30
+  diagnostics = results["runs"]["eva"]["seeds"][0]["diagnostics"]
+  assert set(diagnostics) == {"Dense_0", "Dense_1"}
+  for values in diagnostics.values():
+    assert set(values) == {"signal_to_damping", "removed_fraction"}
+  assert results["runs"]["sgd"]["summary"]["ratio_to_sgd"] == 1.0
+
+
+def test_cnn_run_on_synthetic_mnist(tmp_path, offline):
+  write_mnist(tmp_path, n_train=64, n_test=16)
+  results = run.main(["--task", "mnist_cnn", "--steps", "3", "--batch-size", "16",
+                      "--optimizers", "eva:lr=0.05", "--data-dir", str(tmp_path),
+                      "--out", str(tmp_path), "--no-plot"])
+  entry = results["runs"]["eva:lr=0.05"]
+  assert entry["summary"]["ratio_to_sgd"] is None  # no sgd in this process
+  assert set(entry["seeds"][0]["diagnostics"]) == {"Conv_0", "Conv_1", "Conv_2", "Dense_0",
+                                                   "Dense_1"}
+  assert not (tmp_path / "mnist_cnn.png").exists()
+
+
+@pytest.mark.data
+def test_real_mnist():
+  directory = os.environ.get("EVA_OPTAX_DATA")
+  if not directory or not any((pathlib.Path(directory) / d / "t10k-labels-idx1-ubyte.gz").is_file()
+                              for d in (".", "mnist")):
+    pytest.skip("MNIST IDX files not found: set EVA_OPTAX_DATA to their directory")
+  data = datasets.load_mnist(directory)
+  assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
+  assert np.bincount(data.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
+                                               1009]
+  assert abs(data.x_train.mean() - 0.1307) < 1e-3
