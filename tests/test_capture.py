@@ -201,3 +201,22 @@ def test_unsupported_layers_raise_naming_the_layer(module, error, match):
 def test_unknown_statistics_raise():
   with pytest.raises(ValueError, match="unknown statistics"):
     eva_optax.flax.value_and_grad(lambda p: 0.0, statistics="hessian")
+
+
+def test_axis_name_pmeans_statistics_to_the_global_batch():
+  assert jax.local_device_count() >= 4, "tests/conftest.py sets 4 host devices"
+  x = jax.random.normal(jax.random.key(4), (4 * 8, 5))
+  model = Nested()
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def loss_fn(p, x):
+    return _nested_loss(model.apply({"params": p}, x))
+
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_vectors",
+                                          axis_name="data")
+  _, per_device = jax.pmap(capture, axis_name="data", in_axes=(None, 0))(
+      params, x.reshape(4, 8, 5))
+  _, single = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_vectors")(params, x)
+  for got, want in zip(jax.tree.leaves(per_device), jax.tree.leaves(single)):
+    for replica in got:  # every replica holds the global-batch statistic
+      np.testing.assert_allclose(replica, want, rtol=1e-5, atol=1e-6)

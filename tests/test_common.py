@@ -1,0 +1,151 @@
+"""Behaviour every optimizer shares, one row per optimizer (optax's `_common_test` pattern).
+
+A new optimizer joins by adding a row to OPTIMIZERS: (name, factory(learning_rate, **kw),
+the `statistics` its curvature needs, extra hyperparameters for inject_hyperparams).
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eva_optax
+
+OPTIMIZERS = [
+    ("eva", eva_optax.eva, "kronecker_vectors", {"damping": 1.0}),
+    ("eva_absolute_kl_clip",
+     functools.partial(eva_optax.eva, damping_mode="absolute", scaling="kl_clip"),
+     "kronecker_vectors", {"damping": 10.0}),
+    ("eva_unscaled_nesterov",
+     functools.partial(eva_optax.eva, scaling=None, nesterov=True, weight_decay=1e-4),
+     "kronecker_vectors", {"damping": 1.0}),
+]
+ROWS = [pytest.param(*row[1:], id=row[0]) for row in OPTIMIZERS]
+
+
+class Net(nn.Module):
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.dtype)
+    x = nn.relu(nn.Conv(4, (3, 3), strides=2, **kw)(x))
+    x = nn.relu(nn.Dense(8, use_bias=False, **kw)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(3, **kw)(x)
+
+
+def _problem(dtype=jnp.float32):
+  x = jax.random.normal(jax.random.key(0), (32, 6, 6, 2)).astype(dtype)
+  labels = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+  model = Net(dtype)
+  # Initialise in float32 and cast, so both dtypes start from the same point.
+  params = jax.tree.map(lambda p: p.astype(dtype),
+                        Net().init(jax.random.key(2), x.astype(jnp.float32))["params"])
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, x).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return params, loss_fn
+
+
+def _step(tx, statistics, loss_fn):
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
+
+  def step(params, state):
+    (loss, grads), curvature = capture(params)
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step
+
+
+def _close(a, b, rtol=1e-5, atol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+def test_jit_matches_eager_and_training_lowers_the_loss(factory, statistics, hparams):
+  params, loss_fn = _problem()
+  tx = factory(0.05, **hparams)
+  step = _step(tx, statistics, loss_fn)
+  eager = jitted = (params, tx.init(params))
+  losses = []
+  for _ in range(3):
+    eager = step(*eager)[:2]
+    p, s, loss = jax.jit(step)(*jitted)
+    jitted = (p, s)
+    losses.append(float(loss))
+  _close(eager, jitted, rtol=1e-4, atol=1e-6)
+  for _ in range(30):
+    p, s, loss = jax.jit(step)(*jitted)
+    jitted = (p, s)
+  assert float(loss) < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+def test_works_inside_optax_chain(factory, statistics, hparams):
+  params, loss_fn = _problem()
+  tx = optax.chain(optax.clip_by_global_norm(1.0), factory(0.05, **hparams),
+                   optax.scale(1.0))
+  p, state, loss = jax.jit(_step(tx, statistics, loss_fn))(params, tx.init(params))
+  assert jnp.isfinite(loss) and all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p))
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+def test_inject_hyperparams_learning_rate_scales_the_update(factory, statistics, hparams):
+  params, loss_fn = _problem()
+  tx = optax.inject_hyperparams(factory)(learning_rate=0.05, **hparams)
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
+  (_, grads), curvature = capture(params)
+  update = jax.jit(lambda state: tx.update(grads, state, params, curvature=curvature)[0])
+  state = tx.init(params)
+  small = update(state)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.1)
+  large = update(state)
+  # kl_clip may clip harder at the larger rate; the others scale linearly with it.
+  ratios = [float(jnp.vdot(l, s) / jnp.vdot(s, s))
+            for l, s in zip(jax.tree.leaves(large), jax.tree.leaves(small))]
+  assert all(1.0 < r <= 2.0 + 1e-4 for r in ratios), ratios
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+def test_bf16_params_keep_float32_statistics_and_param_dtype_updates(factory, statistics,
+                                                                     hparams):
+  params32, loss32 = _problem(jnp.float32)
+  params16, loss16 = _problem(jnp.bfloat16)
+  tx = factory(0.05, **hparams)
+  updates = {}
+  for name, params, loss_fn in (("f32", params32, loss32), ("bf16", params16, loss16)):
+    (_, grads), curvature = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)(params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(curvature))
+    upd, state = jax.jit(tx.update)(grads, tx.init(params), params, curvature=curvature)
+    stats = optax.tree_utils.tree_get(state, "stats")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(stats))
+    for u, p in zip(jax.tree.leaves(upd), jax.tree.leaves(params)):
+      assert u.dtype == p.dtype
+    updates[name] = upd
+  # Same direction up to bf16 rounding of the forward/backward pass (8 bits of mantissa).
+  flat = {k: jnp.concatenate([x.astype(jnp.float32).ravel() for x in jax.tree.leaves(v)])
+          for k, v in updates.items()}
+  cosine = jnp.vdot(flat["f32"], flat["bf16"]) / (
+      jnp.linalg.norm(flat["f32"]) * jnp.linalg.norm(flat["bf16"]))
+  assert cosine > 0.98
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS[:1])
+def test_state_round_trips_through_an_orbax_checkpoint(factory, statistics, hparams, tmp_path):
+  import orbax.checkpoint as ocp
+  params, loss_fn = _problem()
+  tx = factory(0.05, **hparams)
+  _, state, _ = jax.jit(_step(tx, statistics, loss_fn))(params, tx.init(params))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "state", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "state", tx.init(params))
+  _close(state, restored, rtol=0, atol=0)
