@@ -103,7 +103,8 @@ def test_digits_run(tmp_path):
   for label, entry in results["runs"].items():
     evals = entry["seeds"][0]["evals"]
     assert not entry["summary"]["diverged"], label
-    assert math.isfinite(evals[-1]["train_loss"]) and evals[-1]["train_loss"] < evals[0]["train_loss"]
+    assert math.isfinite(evals[-1]["train_loss"])
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"], label
     assert len(entry["seeds"][0]["curve"]["loss"]) == 30
   diagnostics = results["runs"]["eva"]["seeds"][0]["diagnostics"]
   assert set(diagnostics) == {"Dense_0", "Dense_1"}
