@@ -57,10 +57,17 @@ class Collector(NamedTuple):
 
 def running_average(old, new, count: jax.Array, stat_decay: float):
   """The reference's convention: ``m = new`` on the first step (count 0), then
-  ``m ← stat_decay · new + (1 − stat_decay) · m`` — ``stat_decay`` weights the *new* value."""
+  ``m ← stat_decay · new + (1 − stat_decay) · m`` — ``stat_decay`` weights the *new* value.
+
+  A record with a non-finite entry (a bad batch) leaves ``old`` as it was, so one bad step
+  cannot poison the statistics for good (its update is still non-finite, which
+  ``optax.apply_if_finite`` can skip).
+  """
   first = count == 0
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(n)) for n in jax.tree.leaves(new)]))
   return jax.tree.map(
-      lambda o, n: jnp.where(first, n, stat_decay * n + (1.0 - stat_decay) * o), old, new)
+      lambda o, n: jnp.where(finite, jnp.where(first, n, stat_decay * n + (1.0 - stat_decay) * o),
+                             o), old, new)
 
 
 def kronecker_vectors(stat_decay: float) -> Collector:

@@ -168,6 +168,18 @@ def test_running_average_first_step_takes_new_then_weights_new_by_stat_decay():
   assert state.stats["d"].a.dtype == jnp.float32
 
 
+def test_non_finite_statistics_leave_the_running_average_intact():
+  params = {"d": {"kernel": jnp.zeros((3, 2))}}
+  grads = {"d": {"kernel": jnp.ones((3, 2))}}
+  tx = eva_optax.scale_by_eva(1.0)
+  good = {"d": KroneckerVectors(jnp.array([1.0, 2.0, 3.0]), jnp.array([1.0, -1.0]))}
+  bad = {"d": KroneckerVectors(jnp.array([1.0, jnp.nan, 3.0]), jnp.array([1.0, -1.0]))}
+  _, state = tx.update(grads, tx.init(params), params, curvature=good)
+  _, after = jax.jit(tx.update)(grads, state, params, curvature=bad)
+  np.testing.assert_array_equal(after.stats["d"].a, state.stats["d"].a)
+  np.testing.assert_array_equal(after.stats["d"].g, state.stats["d"].g)
+
+
 def test_uncaptured_parameters_pass_through_unchanged():
   params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
             "other": {"kernel": jnp.ones((2, 2))}, "scale": jnp.ones(4)}
