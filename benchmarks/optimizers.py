@@ -38,7 +38,7 @@ def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn) -> dict[str, 
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec(optax.sgd, None, _per_task(0.1, 0.003, 0.05, 0.05), {"momentum": 0.9}),
+    "sgd": OptimizerSpec(optax.sgd, None, _per_task(0.1, 0.003, 0.05, 0.1), {"momentum": 0.9}),
     "adam": OptimizerSpec(optax.adam, None, _per_task(1e-3, 1e-3, 1e-3, 1e-3)),
     "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(0.1, 0.5, 0.1, 0.1)),
 }

@@ -73,6 +73,12 @@ def _check(damping, damping_mode, relative_damping, scaling) -> None:
     raise ValueError(f"eva_optax: relative_damping must be >= 0, got {relative_damping!r}.")
   if scaling not in SCALINGS:
     raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
+  if scaling == "kl_clip" and damping_mode != "absolute":
+    # Measured (benchmarks/RESULTS.md): Ṽ = B²V/γ_eff with γ_eff ∝ ‖ā‖²‖ḡ‖² makes the clipped
+    # step a fixed-length jump that diverged on every task and learning rate tried.
+    raise ValueError("eva_optax: scaling='kl_clip' is the ICLR reference's step and needs "
+                     "damping_mode='absolute' with the reference's damping (γ_ref·B²) and "
+                     "batch_size=B; use scaling='kl_normalize' with relative damping.")
 
 
 def scale_by_eva(
@@ -100,8 +106,9 @@ def scale_by_eva(
       m ← stat_decay·new + (1 − stat_decay)·m, and m = new on the first step.
     scaling: applied once over all captured layers.
       ``"kl_normalize"`` (journal, default): V / √Σ⟨V, Ĝ⟩.
-      ``"kl_clip"`` (ICLR): on the reference's direction Ṽ = B²(F̃ + γ_eff I)⁻¹Ĝ, the factor
-      ν = min(1, √(κ / (η² Σ⟨Ṽ, Ĝ⟩))) with η = ``learning_rate`` at this step.
+      ``"kl_clip"`` (ICLR): on the reference's direction Ṽ = B²(F̃ + γI)⁻¹Ĝ, the factor
+      ν = min(1, √(κ / (η² Σ⟨Ṽ, Ĝ⟩))) with η = ``learning_rate`` at this step; absolute
+      damping only.
       ``None``: the update is exactly V = γ_eff (F̃ + γ_eff I)⁻¹ Ĝ.
     kl_clip: κ > 0 of ``"kl_clip"`` (reference 0.001).
     learning_rate: η for ``"kl_clip"`` (float or optax schedule, evaluated at the step count).
@@ -115,7 +122,8 @@ def scale_by_eva(
 
   Raises:
     ValueError: ``damping <= 0``, ``kl_clip <= 0``, a negative ``relative_damping``, unknown
-      ``damping_mode`` or ``scaling``, ``"kl_clip"`` without ``learning_rate``; at update time
+      ``damping_mode`` or ``scaling``, ``"kl_clip"`` without ``learning_rate`` or with relative
+      damping; at update time
       (trace time under jit) missing or mismatched ``curvature``.
   """
   _check(damping, damping_mode, relative_damping, scaling)

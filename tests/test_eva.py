@@ -141,11 +141,12 @@ def test_kl_clip_reproduces_one_reference_step(lr):
 def test_kl_clip_uses_the_schedule_value_at_the_step_count():
   params, grads, curvature = _setup(Mlp(), (5,))
   schedule = optax.linear_schedule(1.0, 0.01, 3)
-  with_schedule = eva_optax.scale_by_eva(1.0, scaling="kl_clip", learning_rate=schedule)
+  kw = dict(damping_mode="absolute", scaling="kl_clip")
+  with_schedule = eva_optax.scale_by_eva(1.0, learning_rate=schedule, **kw)
   state = with_schedule.init(params)
   for step in range(3):
     updates, state = with_schedule.update(grads, state, params, curvature=curvature)
-    constant = eva_optax.scale_by_eva(1.0, scaling="kl_clip", learning_rate=schedule(step))
+    constant = eva_optax.scale_by_eva(1.0, learning_rate=schedule(step), **kw)
     cstate = constant.init(params)._replace(count=jnp.asarray(step, jnp.int32),
                                             stats=state.stats)
     want, _ = constant.update(grads, cstate, params, curvature=curvature)
@@ -243,7 +244,8 @@ def test_mismatched_curvature_raises_naming_the_layer(curvature, error, match):
     ({"damping_mode": "adaptive"}, "damping_mode"),
     ({"relative_damping": -0.1}, "relative_damping"),
     ({"scaling": "kl"}, "scaling"),
-    ({"scaling": "kl_clip", "kl_clip": 0.0}, "kl_clip must be > 0"),
+    ({"scaling": "kl_clip", "damping_mode": "absolute", "kl_clip": 0.0}, "kl_clip must be > 0"),
+    ({"scaling": "kl_clip"}, "needs damping_mode='absolute'"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -252,4 +254,4 @@ def test_bad_hyperparameters_raise(kwargs, match):
 
 def test_kl_clip_without_learning_rate_raises():
   with pytest.raises(ValueError, match="learning_rate"):
-    eva_optax.scale_by_eva(1.0, scaling="kl_clip")
+    eva_optax.scale_by_eva(1.0, damping_mode="absolute", scaling="kl_clip")
