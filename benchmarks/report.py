@@ -17,13 +17,14 @@ def _mean_std(values) -> tuple[float, float]:
 
 def summarize(runs: dict) -> None:
   """Adds a ``summary`` to every label of ``runs``: final train loss and test metric (mean, std
-  over seeds; NaN for a diverged seed), median step time over all timed steps of all seeds, its
-  ratio to the first ``sgd`` label's, state bytes and whether any seed diverged."""
+  over seeds; NaN for a diverged seed), median step time (of the interleaved timing rounds when
+  there are any, else of all training steps of all seeds), its ratio to the first ``sgd``
+  label's, state bytes and whether any seed diverged."""
   for run in runs.values():
     seeds = run["seeds"]
     final = [s["evals"][-1] if not s["diverged"] else {"train_loss": math.nan, "metric": math.nan}
              for s in seeds]
-    times = [t for s in seeds for t in s["step_times"]]
+    times = run.get("interleaved_step_times") or [t for s in seeds for t in s["step_times"]]
     run["summary"] = {
         "final_train_loss": _mean_std([f["train_loss"] for f in final]),
         "metric": _mean_std([f["metric"] for f in final]),

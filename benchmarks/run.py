@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--train-subset", type=int, help="use only the first N training examples")
   p.add_argument("--eval-subset", type=int, default=10000,
                  help="training examples whose loss is reported per epoch")
+  p.add_argument("--timing-rounds", type=int, default=30,
+                 help="after training, rounds of interleaved step timing (one step of each "
+                      "optimizer per round) that give the median step times; 0: use the "
+                      "training steps' times")
   p.add_argument("--no-plot", action="store_true")
   return p
 
@@ -83,19 +87,27 @@ def main(argv=None) -> dict:
     # The initial parameters are shared, so their evaluation is too.
     first_eval = {"train_loss": task.eval_loss(params, *eval_set),
                   "metric": task.metric(params, data.x_test, data.y_test)}
+    finals = {}
     for config in configs:
       spec, run = optimizers.OPTIMIZERS[config.name], runs[config.label]
       lr = run["lr"]
       schedule = optax.cosine_decay_schedule(lr, total_steps) if args.schedule == "cosine" else lr
       tx = spec.make(schedule, **{**spec.defaults, **config.kwargs})
-      result, final_params, state = train.train(
+      result, final_params, state, step = train.train(
           task, data, tx, spec.statistics, params, orders, batch_size, total_steps, eval_set,
           first_eval, desc=f"{config.label} seed {seed}")
+      finals[config.label] = (step, final_params, state)
       if config.name == "eva":
         batch = orders[0][:batch_size]
         result["diagnostics"] = train.eva_diagnostics(
             task, final_params, state, data.x_train[batch], data.y_train[batch], run["kwargs"])
       run["seeds"].append({"seed": seed, **result})
+    if args.timing_rounds and seed == seeds[0]:
+      batch = orders[0][:batch_size]
+      timed = train.time_interleaved(finals, data.x_train[batch], data.y_train[batch],
+                                     args.timing_rounds)
+      for label, times in timed.items():
+        runs[label]["interleaved_step_times"] = times
 
   report.summarize(runs)
   settings = {**vars(args), "batch_size": batch_size, "total_steps": total_steps,

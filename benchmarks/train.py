@@ -63,7 +63,7 @@ def train(task: models.Task, data: datasets.Dataset, tx: optax.GradientTransform
     first_eval: ``{"train_loss", "metric"}`` of the initial ``params``.
 
   Returns:
-    ``(result, params, state)``: ``result`` has the minibatch curve (``step`` = updates applied
+    ``(result, params, state, step)``: ``result`` has the minibatch curve (``step`` = updates applied
     before the loss was measured, ``wall`` = seconds of step execution before it, the first,
     compiling step excluded), ``evals`` after every epoch and at the end, ``step_times`` (s),
     ``median_step_s``, ``state_bytes``, ``diverged`` and ``diverged_step``.
@@ -106,7 +106,30 @@ def train(task: models.Task, data: datasets.Dataset, tx: optax.GradientTransform
             "median_step_s": median(times) if times else None,
             "state_bytes": state_bytes(state), "diverged": diverged_step is not None,
             "diverged_step": diverged_step}
-  return result, params, state
+  return result, params, state, step
+
+
+def time_interleaved(runs: dict, x: np.ndarray, y: np.ndarray, rounds: int) -> dict:
+  """Step times (s) of already compiled steps, one step of each run in turn per round.
+
+  Interleaving puts every optimizer under the same machine load, so ratios between them hold
+  even when the load drifts during a benchmark (a shared 2-core box drifts by 2x).
+
+  Args:
+    runs: ``{label: (step, params, state)}``.
+    x, y: one batch, transferred to the device once so only the step itself is timed.
+  """
+  x, y = jax.device_put(x), jax.device_put(y)
+  carry = {label: (params, state) for label, (_, params, state) in runs.items()}
+  times = {label: [] for label in runs}
+  for _ in range(rounds):
+    for label, (step, _, _) in runs.items():
+      start = time.perf_counter()
+      params, state, loss = step(*carry[label], x, y)
+      jax.block_until_ready((params, state, loss))
+      times[label].append(time.perf_counter() - start)
+      carry[label] = (params, state)
+  return times
 
 
 def eva_diagnostics(task: models.Task, params, state, x: np.ndarray, y: np.ndarray,
