@@ -161,11 +161,11 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     new_leaves = {}
     for name, direction in directions.items():
       for leaf, value in layers.from_matrix(factor * direction, grads[name]).items():
-        new_leaves[f"{name}/{leaf}"] = value
+        new_leaves[layers.layer_name(tuple(filter(None, (name, leaf))))] = value
 
     def replace(path, leaf):
-      key = "/".join(str(getattr(k, "key", k)) for k in path)
-      return new_leaves.get(key, leaf)
+      return new_leaves.get(layers.layer_name(tuple(str(getattr(k, "key", k)) for k in path)),
+                            leaf)
 
     updates = jax.tree_util.tree_map_with_path(replace, updates)
     return updates, ScaleByKroneckerState(optax.safe_increment(state.count), stats, pstates)

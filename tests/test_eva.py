@@ -79,6 +79,22 @@ def test_unscaled_update_equals_dense_kronecker_solve(model, x_shape, damping_mo
   assert max(removed) > 1e-2, "the correction must be material for the test to mean anything"
 
 
+def test_a_model_that_is_one_layer_is_preconditioned():
+  dense = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  params = dense.init(jax.random.key(1), x)["params"]
+  loss_fn = lambda p: jnp.mean(jnp.sin(dense.apply({"params": p}, x)) ** 2)
+  (_, grads), curvature = eva_optax.flax.value_and_grad(
+      loss_fn, statistics="kronecker_vectors")(params)
+  tx = eva_optax.scale_by_eva(1e-3, scaling=None)
+  updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  a = jnp.append(curvature.a, 1.0)
+  want = _dense_eva(a, curvature.g, layers.to_matrix(grads),
+                    jnp.maximum(1e-3, 0.5 * jnp.sum(a * a) * jnp.sum(curvature.g ** 2)))
+  np.testing.assert_allclose(layers.to_matrix(updates), want, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(updates["kernel"], grads["kernel"])
+
+
 def test_kl_normalize_scales_by_inverse_root_of_inner_product():
   params, grads, curvature = _setup(Mlp(), (5,))
   raw, _ = eva_optax.scale_by_eva(0.05, scaling=None).update(
