@@ -56,6 +56,35 @@ class _Capture:
     return y + jnp.broadcast_to(eps, y.shape).astype(y.dtype)
 
 
+def _manual_axes(tree) -> set:
+  """Mesh axes that ``pmap``/``shard_map`` map over where ``tree`` was computed (empty outside)."""
+  names = set()
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
+      if kind == jax.sharding.AxisType.Manual:
+        names.add(name)
+  return names
+
+
+def _check_axis_name(axis_name, mapped: set) -> tuple:
+  """The axes to average the statistics over; refuses per-device statistics inside a map."""
+  if axis_name is None:
+    if mapped:
+      raise ValueError(
+          f"eva_optax: the statistics are computed inside pmap/shard_map over {sorted(mapped)} "
+          "but axis_name is None, so every device would precondition with its own batch's "
+          f"statistics. Pass axis_name={sorted(mapped)[0]!r} to eva_optax.flax.value_and_grad.")
+    return ()
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  if not set(names) <= mapped:
+    raise ValueError(
+        f"eva_optax: axis_name={axis_name!r} is not an axis of the enclosing pmap/shard_map "
+        f"(mapped axes here: {sorted(mapped) or 'none'}). Pass the axis_name you map over, or "
+        "None outside pmap/shard_map (jit with a sharded batch needs none).")
+  return names
+
+
 def _check_statistics(statistics: Union[str, Sequence[str]]) -> tuple[str, ...]:
   names = (statistics,) if isinstance(statistics, str) else tuple(statistics)
   unknown = [s for s in names if s not in STATISTICS]
@@ -80,10 +109,14 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       mean im2col patch in ``[*kernel_size, c_in]`` order, zero padding included) and ḡ
       ``(d_out,)`` = B × mean of ∂L/∂y over batch, sequence and output positions, float32.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-    axis_name: under ``pmap``/``shard_map``, the data-parallel axis: statistics are
-      ``lax.pmean``-ed over it (per-example units make that the global-batch statistic).
-      Gradients are returned per device, as from ``jax.value_and_grad``; average them the usual
-      way (``lax.pmean(grads, axis_name)``).
+    axis_name: under ``pmap``/``shard_map``, the data-parallel axis (required there): the
+      statistics are ``lax.pmean``-ed over it, and per-example units make that the global-batch
+      statistic, so every replica holds the same optimizer state and N devices match one device
+      on the global batch (equal shards). Gradients are returned as ``jax.value_and_grad``
+      returns them: per device under ``pmap`` (average them, ``lax.pmean(grads, axis_name)``);
+      under ``shard_map``, gradients of replicated parameters come back already *summed* over
+      the axis (its autodiff inserts the psum), so divide them by ``lax.axis_size(axis_name)``.
+      Under ``jit`` with a sharded batch leave it ``None``: the means are global already.
 
   Returns:
     ``fn(params, *args, **kwargs) -> ((value, grads), curvature)`` with ``value`` the loss or
@@ -91,7 +124,8 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
     path like ``params`` (``{"Dense_0": KroneckerVectors(...)}``).
 
   Raises:
-    ValueError: unknown ``statistics``; a layer applied more than once per call.
+    ValueError: unknown ``statistics``; a layer applied more than once per call; inside
+      ``pmap``/``shard_map`` without ``axis_name``, or with one that is not mapped there.
     NotImplementedError: an unsupported layer configuration (grouped or masked conv,
       DenseGeneral with several contracting axes, batch dims or output axes), naming the layer.
 
@@ -104,10 +138,15 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       return loss_fn(params, *args, **kwargs)
 
   def wrapped(params, *args, **kwargs):
+    axes = _check_axis_name(axis_name, _manual_axes((params, args, kwargs)))
     shapes = _Capture()
     jax.eval_shape(lambda p: intercepted(shapes, p, args, kwargs), params)
     infos = shapes.infos
     zeros = {name: jnp.zeros(info.output_shape[-1:], jnp.float32) for name, info in infos.items()}
+    if axes:
+      # Device-varying perturbations keep their gradients local: shard_map's autodiff would
+      # otherwise sum the gradient of a replicated input over the devices.
+      zeros = jax.lax.pcast(zeros, axes, to="varying")
 
     def loss_with_stats(params, perturbations):
       capture = _Capture(perturbations)
@@ -122,8 +161,8 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
             a=inputs[name], g=output_grads[name] * (info.batch_size / info.rows))
         for name, info in infos.items()
     }
-    if axis_name is not None:
-      flat = jax.lax.pmean(flat, axis_name)
+    if axes:
+      flat = jax.lax.pmean(flat, axes)
     value = (loss, aux) if has_aux else loss
     return (value, grads), collectors.unflatten_curvature(flat)
 
