@@ -5,3 +5,19 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def mnist_dir() -> str:
+  """``$EVA_OPTAX_DATA`` when it holds the MNIST IDX files (directly or in ``mnist/``); skips
+  the test with the reason otherwise."""
+  directory = os.environ.get("EVA_OPTAX_DATA")
+  if not directory or not any(
+      (pathlib.Path(directory) / d / "train-images-idx3-ubyte.gz").is_file()
+      for d in (".", "mnist")):
+    pytest.skip("MNIST IDX files not found: set EVA_OPTAX_DATA to their directory")
+  return directory

@@ -3,8 +3,6 @@
 import gzip
 import json
 import math
-import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -126,12 +124,8 @@ def test_cnn_run_on_synthetic_mnist(tmp_path, offline):
 
 
 @pytest.mark.data
-def test_real_mnist():
-  directory = os.environ.get("EVA_OPTAX_DATA")
-  if not directory or not any((pathlib.Path(directory) / d / "t10k-labels-idx1-ubyte.gz").is_file()
-                              for d in (".", "mnist")):
-    pytest.skip("MNIST IDX files not found: set EVA_OPTAX_DATA to their directory")
-  data = datasets.load_mnist(directory)
+def test_real_mnist(mnist_dir):
+  data = datasets.load_mnist(mnist_dir)
   assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
   assert np.bincount(data.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
                                                1009]

@@ -3,9 +3,6 @@
 Skips, with the reason, only when the MNIST IDX files are absent (set EVA_OPTAX_DATA).
 """
 
-import os
-import pathlib
-
 import jax
 import numpy as np
 import optax
@@ -14,14 +11,6 @@ import pytest
 from benchmarks import datasets, models, optimizers, train
 
 STEPS, BATCH, SUBSET = 100, 1000, 20000
-
-
-def _mnist_dir():
-  directory = os.environ.get("EVA_OPTAX_DATA")
-  names = [pathlib.Path(directory or ".") / d / "train-images-idx3-ubyte.gz" for d in (".", "mnist")]
-  if not directory or not any(p.is_file() for p in names):
-    pytest.skip("MNIST IDX files not found: set EVA_OPTAX_DATA to their directory")
-  return directory
 
 
 def _train_loss(task, data, name, params, order):
@@ -38,9 +27,9 @@ def _train_loss(task, data, name, params, order):
 
 
 @pytest.mark.data
-def test_eva_beats_sgd_on_the_mnist_autoencoder():
+def test_eva_beats_sgd_on_the_mnist_autoencoder(mnist_dir):
   task = models.TASKS["mnist_autoencoder"]()
-  data = task.prepare(datasets.load_mnist(_mnist_dir()))
+  data = task.prepare(datasets.load_mnist(mnist_dir))
   data = data._replace(x_train=data.x_train[:SUBSET], y_train=data.y_train[:SUBSET])
   params = task.model.init(jax.random.key(0), data.x_train[:1])["params"]
   order = np.random.default_rng(0).permutation(SUBSET)

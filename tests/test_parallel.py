@@ -141,3 +141,13 @@ def test_missing_or_mismatched_axis_name_is_an_error(axis_name, match, mapper):
       jax.jit(jax.shard_map(lambda *a: capture(*a)[1], mesh=mesh,
                             in_specs=(P(), P("data"), P("data")), out_specs=P()))(
           jax.device_put(params, NamedSharding(mesh, P())), shard(x), shard(labels))
+
+
+@pytest.mark.data
+def test_data_parallel_example_agrees_across_modes(mnist_dir):
+  from benchmarks import data_parallel
+  results = data_parallel.main(["--steps", "5", "--data-dir", mnist_dir])
+  assert len(results) == 3
+  for mode, result in results.items():
+    assert result["max_param_diff"] < 1e-5, (mode, result)
+    assert np.isfinite(result["final_loss"])
