@@ -60,6 +60,8 @@ def _manual_axes(tree) -> set:
   """Mesh axes that ``pmap``/``shard_map`` map over where ``tree`` was computed (empty outside)."""
   names = set()
   for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array):  # e.g. a string or flag argument of the loss
+      continue
     mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
     for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
       if kind == jax.sharding.AxisType.Manual:

@@ -165,13 +165,14 @@ def test_has_aux_and_value_match_jax_value_and_grad():
   model = Nested()
   params = model.init(jax.random.key(1), x)["params"]
 
-  def loss_fn(p, x, scale=1.0):
+  def loss_fn(p, x, scale=1.0, mode="train"):  # a non-array argument used in Python control flow
     out = model.apply({"params": p}, x)
-    return scale * _nested_loss(out), {"out": out}
+    return (scale if mode == "eval" else 1.0) * _nested_loss(out), {"out": out}
 
   (value, grads), curvature = eva_optax.flax.value_and_grad(
-      loss_fn, statistics="kronecker_vectors", has_aux=True)(params, x, scale=2.0)
-  (ref_loss, ref_aux), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, scale=2.0)
+      loss_fn, statistics="kronecker_vectors", has_aux=True)(params, x, scale=2.0, mode="eval")
+  (ref_loss, ref_aux), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, x, scale=2.0, mode="eval")
   np.testing.assert_allclose(value[0], ref_loss, rtol=1e-6)
   np.testing.assert_allclose(value[1]["out"], ref_aux["out"], rtol=1e-6)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
