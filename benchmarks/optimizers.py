@@ -24,12 +24,21 @@ class OptimizerSpec(NamedTuple):
       as ``curvature``.
     default_lr: learning rate per task name.
     defaults: keyword arguments passed to ``make`` unless the command line overrides them.
+    diagnostics: optional ``(grads, opt_state, kwargs) -> {layer: {name: scalar}}`` reported
+      for the final state (``kwargs``: every keyword argument ``make`` received).
   """
 
   make: Callable[..., optax.GradientTransformation]
   statistics: Optional[str] = None
   default_lr: Mapping[str, float] = {}
   defaults: Mapping[str, Any] = {}
+  diagnostics: Optional[Callable[..., Mapping]] = None
+
+
+def _eva_diagnostics(grads, opt_state, kwargs):
+  return eva_optax.eva_diagnostics(
+      grads, optax.tree_utils.tree_get(opt_state, "stats"), damping=kwargs["damping"],
+      damping_mode=kwargs["damping_mode"], relative_damping=kwargs["relative_damping"])
 
 
 def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn) -> dict[str, float]:
@@ -42,7 +51,8 @@ def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn) -> dict[str, 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(optax.sgd, None, _per_task(0.3, 0.003, 0.05, 0.1), {"momentum": 0.9}),
     "adam": OptimizerSpec(optax.adam, None, _per_task(3e-2, 1e-3, 1e-3, 1e-3)),
-    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(0.3, 0.5, 0.1, 0.1)),
+    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(0.3, 0.5, 0.1, 0.1),
+                         diagnostics=_eva_diagnostics),
 }
 
 

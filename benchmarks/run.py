@@ -97,10 +97,11 @@ def main(argv=None) -> dict:
           task, data, tx, spec.statistics, params, orders, batch_size, total_steps, eval_set,
           first_eval, desc=f"{config.label} seed {seed}")
       finals[config.label] = (step, final_params, state)
-      if config.name == "eva":
+      if spec.diagnostics is not None:
         batch = orders[0][:batch_size]
-        result["diagnostics"] = train.eva_diagnostics(
-            task, final_params, state, data.x_train[batch], data.y_train[batch], run["kwargs"])
+        result["diagnostics"] = train.diagnostics(
+            task, final_params, state, data.x_train[batch], data.y_train[batch],
+            spec.diagnostics, run["kwargs"])
       run["seeds"].append({"seed": seed, **result})
     if args.timing_rounds and seed == seeds[0]:
       batch = orders[0][:batch_size]

@@ -132,13 +132,10 @@ def time_interleaved(runs: dict, x: np.ndarray, y: np.ndarray, rounds: int) -> d
   return times
 
 
-def eva_diagnostics(task: models.Task, params, state, x: np.ndarray, y: np.ndarray,
-                    kwargs: dict) -> dict[str, dict[str, float]]:
-  """Per layer ``signal_to_damping`` and ``removed_fraction`` of an Eva run's final state, with
-  the gradient of the batch ``(x, y)`` and the damping settings in ``kwargs``."""
+def diagnostics(task: models.Task, params, state, x: np.ndarray, y: np.ndarray,
+                diagnose, kwargs: dict) -> dict[str, dict[str, float]]:
+  """``diagnose(grads, state, kwargs)`` (a registry entry's ``diagnostics``) for the final state,
+  with the gradient of the batch ``(x, y)``, as Python floats."""
   grads = jax.jit(jax.grad(loss_fn(task)))(params, x, y)
-  terms = eva_optax.eva_diagnostics(
-      grads, optax.tree_utils.tree_get(state, "stats"), damping=kwargs["damping"],
-      damping_mode=kwargs["damping_mode"], relative_damping=kwargs["relative_damping"])
   return {layer: {key: float(value) for key, value in values.items()}
-          for layer, values in terms.items()}
+          for layer, values in diagnose(grads, state, kwargs).items()}

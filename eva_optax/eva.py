@@ -68,9 +68,8 @@ def _check(damping, damping_mode, relative_damping, scaling) -> None:
   if damping_mode not in DAMPING_MODES:
     raise ValueError(f"eva_optax: damping_mode must be one of {DAMPING_MODES}, "
                      f"got {damping_mode!r}.")
-  if damping_mode == "relative" and not isinstance(relative_damping, jax.core.Tracer) \
-      and float(relative_damping) < 0:
-    raise ValueError(f"eva_optax: relative_damping must be >= 0, got {relative_damping!r}.")
+  if damping_mode == "relative":
+    transform.check_positive("relative_damping", relative_damping, allow_zero=True)
   if scaling not in SCALINGS:
     raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
   if scaling == "kl_clip" and damping_mode != "absolute":

@@ -140,12 +140,17 @@ def describe(module: nn.Module, name: LayerName, x: jax.Array, y: jax.Array) -> 
 # --- parameter side -------------------------------------------------------------------------
 
 
+def key_path_names(path) -> tuple[str, ...]:
+  """``(DictKey('a'), DictKey('kernel'))`` → ``("a", "kernel")``; other keys by ``str``."""
+  return tuple(str(getattr(k, "key", k)) for k in path)
+
+
 def find_layers(tree) -> dict[LayerName, dict[str, jax.Array]]:
   """Maps every parameter dict holding a ``kernel`` of rank ≥ 2 to its ``kernel``/``bias`` leaves."""
   leaves = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if all(isinstance(k, jax.tree_util.DictKey) for k in path):
-      leaves[tuple(str(k.key) for k in path)] = leaf
+      leaves[key_path_names(path)] = leaf
   layers = {}
   for path, leaf in leaves.items():
     if path[-1] == "kernel" and jnp.ndim(leaf) >= 2:

@@ -48,12 +48,17 @@ class ScaleByKroneckerState(NamedTuple):
   preconditioner: dict
 
 
-def check_positive(name: str, value) -> None:
-  """Raises ``ValueError`` when a concrete hyperparameter is not > 0 (traced values pass)."""
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+  """Raises ``ValueError`` when a concrete hyperparameter is not > 0 (≥ 0 with ``allow_zero``).
+
+  Traced values (``inject_hyperparams`` under ``jit``) and schedules are not checked.
+  """
   if isinstance(value, jax.core.Tracer) or callable(value):
     return
-  if not float(jnp.asarray(value)) > 0:
-    raise ValueError(f"eva_optax: {name} must be > 0, got {value!r}.")
+  number = float(jnp.asarray(value))
+  if not (number >= 0 if allow_zero else number > 0):
+    raise ValueError(f"eva_optax: {name} must be {'>=' if allow_zero else '>'} 0, "
+                     f"got {value!r}.")
 
 
 def _sum_inner(xs: Mapping[str, jax.Array], ys: Mapping[str, jax.Array]) -> jax.Array:
@@ -164,8 +169,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
         new_leaves[layers.layer_name(tuple(filter(None, (name, leaf))))] = value
 
     def replace(path, leaf):
-      return new_leaves.get(layers.layer_name(tuple(str(getattr(k, "key", k)) for k in path)),
-                            leaf)
+      return new_leaves.get(layers.layer_name(layers.key_path_names(path)), leaf)
 
     updates = jax.tree_util.tree_map_with_path(replace, updates)
     return updates, ScaleByKroneckerState(optax.safe_increment(state.count), stats, pstates)
