@@ -1,7 +1,8 @@
 """Behaviour every optimizer shares, one row per optimizer (optax's `_common_test` pattern).
 
 A new optimizer joins by adding a row to OPTIMIZERS: (name, factory(learning_rate, **kw),
-the `statistics` its curvature needs, extra hyperparameters for inject_hyperparams).
+the `statistics` its curvature needs — None for gradient-only optimizers —, extra
+hyperparameters for inject_hyperparams).
 """
 
 import functools
@@ -53,8 +54,16 @@ def _problem(dtype=jnp.float32):
   return params, loss_fn
 
 
+def capture_fn(loss_fn, statistics, axis_name=None):
+  """``(params, *args) -> ((loss, grads), curvature)``; ``curvature`` is None without statistics."""
+  if statistics is None:
+    grad_fn = jax.value_and_grad(loss_fn)
+    return lambda params, *args: (grad_fn(params, *args), None)
+  return eva_optax.flax.value_and_grad(loss_fn, statistics=statistics, axis_name=axis_name)
+
+
 def _step(tx, statistics, loss_fn):
-  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
+  capture = capture_fn(loss_fn, statistics)
 
   def step(params, state):
     (loss, grads), curvature = capture(params)
@@ -101,8 +110,7 @@ def test_works_inside_optax_chain(factory, statistics, hparams):
 def test_inject_hyperparams_learning_rate_scales_the_update(factory, statistics, hparams):
   params, loss_fn = _problem()
   tx = optax.inject_hyperparams(factory)(learning_rate=0.05, **hparams)
-  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
-  (_, grads), curvature = capture(params)
+  (_, grads), curvature = capture_fn(loss_fn, statistics)(params)
   update = jax.jit(lambda state: tx.update(grads, state, params, curvature=curvature)[0])
   state = tx.init(params)
   small = update(state)
@@ -122,11 +130,13 @@ def test_bf16_params_keep_float32_statistics_and_param_dtype_updates(factory, st
   tx = factory(0.05, **hparams)
   updates = {}
   for name, params, loss_fn in (("f32", params32, loss32), ("bf16", params16, loss16)):
-    (_, grads), curvature = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)(params)
+    (_, grads), curvature = capture_fn(loss_fn, statistics)(params)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(curvature))
     upd, state = jax.jit(tx.update)(grads, tx.init(params), params, curvature=curvature)
-    stats = optax.tree_utils.tree_get(state, "stats")
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(stats))
+    # Statistics, inverses and roots stay float32 (DESIGN §5); momentum may follow the params.
+    for field in ("stats", "preconditioner"):
+      held = optax.tree_utils.tree_get(state, field)
+      assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(held)), field
     for u, p in zip(jax.tree.leaves(upd), jax.tree.leaves(params)):
       assert u.dtype == p.dtype
     updates[name] = upd

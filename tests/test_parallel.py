@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eva_optax
-from test_common import OPTIMIZERS, ROWS, Net
+from test_common import OPTIMIZERS, ROWS, Net, capture_fn
 
 DEVICES, LOCAL, STEPS = 4, 8, 3
 # Float32 re-association only: per-device means and a pmean instead of one global mean change
@@ -31,7 +31,7 @@ def _loss(params, x, labels):
 
 
 def _step_fn(tx, statistics, axis_name=None, mapper=None):
-  capture = eva_optax.flax.value_and_grad(_loss, statistics=statistics, axis_name=axis_name)
+  capture = capture_fn(_loss, statistics, axis_name)
 
   def step(params, state, x, labels):
     (loss, grads), curvature = capture(params, x, labels)
