@@ -10,7 +10,9 @@ The curvature pytree
 layers it describes, with one statistics record per layer in place of the layer's parameter
 dict. For ``params = {"Encoder_0": {"Dense_0": {"kernel": K, "bias": b}}}`` it is
 ``{"Encoder_0": {"Dense_0": KroneckerVectors(a=..., g=...)}}``. Users of other frameworks can
-build it by hand from these records.
+build it by hand from these records. Capturing several kinds at once gives a dict keyed by the
+statistics name (``{"kronecker_vectors": tree, "kronecker_factors": tree}``); every optimizer
+picks its own kind from such a dict.
 """
 
 from __future__ import annotations
@@ -39,18 +41,60 @@ class KroneckerVectors(NamedTuple):
   g: jax.Array
 
 
+class KroneckerFactors(NamedTuple):
+  """K-FAC's per-layer Kronecker factors (DESIGN §4), float32, in per-example units.
+
+  The Fisher block of the layer is approximated by A ⊗ G. Rows are the (example, sequence
+  position, conv output position) triples of the layer's matrix multiply; B examples.
+
+  Attributes:
+    a: ``[d, d]`` A = mean over rows of a aᵀ, d = d_in + 1 with a bias (the input gets a constant
+      1 appended, so the last row/column is [ā, 1]), conv rows being im2col patches (KFC).
+    g: ``[d_out, d_out]`` G = mean over examples of Σ_positions g gᵀ, g = B·∂L/∂y the
+      per-example output gradient. Positions are *averaged* in A and *summed* in G, so that
+      A ⊗ G is KFC's approximation of the per-example Fisher (spatially uncorrelated
+      derivatives) and a Dense layer on [B, d_in] inputs is the case of one position.
+  """
+
+  a: jax.Array
+  g: jax.Array
+
+
+class ActivationFactor(NamedTuple):
+  """FOOF's per-layer statistics: ``a``, the bias-augmented ``[d, d]`` A of
+  :class:`KroneckerFactors`, float32."""
+
+  a: jax.Array
+
+
+class ActivationVector(NamedTuple):
+  """Eva-f's per-layer statistics: ``a``, the ``(d_in,)`` ā of :class:`KroneckerVectors`
+  (no bias entry), float32."""
+
+  a: jax.Array
+
+
+# The `statistics` names of eva_optax.flax.value_and_grad and the records they produce.
+RECORDS: dict[str, type] = {
+    "kronecker_vectors": KroneckerVectors,
+    "kronecker_factors": KroneckerFactors,
+    "activation_factor": ActivationFactor,
+    "activation_vector": ActivationVector,
+}
+
+
 class Collector(NamedTuple):
   """Running statistics of one kind, per layer.
 
   Attributes:
-    kind: the statistics record type expected in ``curvature`` (e.g. :class:`KroneckerVectors`).
-    init: ``kernel -> record`` of zeros shaped for a kernel ``[..., d_out]``.
+    kind: the statistics record type expected in ``curvature`` (a value of :data:`RECORDS`).
+    init: ``(kernel, has_bias) -> record`` of zeros shaped for a kernel ``[..., d_out]``.
     update: ``(old, new, count) -> record``, the running average.
     with_bias: ``record -> record`` augmented for a layer with a bias (the bias row of Ĝ).
   """
 
   kind: type
-  init: Callable[[jax.Array], NamedTuple]
+  init: Callable[[jax.Array, bool], NamedTuple]
   update: Callable[[NamedTuple, NamedTuple, jax.Array], NamedTuple]
   with_bias: Callable[[NamedTuple], NamedTuple]
 
@@ -70,23 +114,48 @@ def running_average(old, new, count: jax.Array, stat_decay: float):
                              o), old, new)
 
 
-def kronecker_vectors(stat_decay: float) -> Collector:
-  """Collector of Eva's vectors ā, ḡ (O(d_in + d_out) state per layer)."""
-  def init(kernel):
+def _collector(kind: type, shapes: Callable, stat_decay: float,
+               with_bias: Callable = lambda stats: stats) -> Collector:
+  """A collector of float32 running averages of ``kind`` records with ``shapes(d_in, d_aug,
+  d_out)`` (``d_aug`` = d_in + 1 with a bias)."""
+  def init(kernel, has_bias):
     shape = jnp.shape(kernel)
-    return KroneckerVectors(jnp.zeros((math.prod(shape[:-1]),), jnp.float32),
-                            jnp.zeros((shape[-1],), jnp.float32))
+    d_in = math.prod(shape[:-1])
+    return kind(*(jnp.zeros(s, jnp.float32) for s in shapes(d_in, d_in + has_bias, shape[-1])))
 
   def update(old, new, count):
-    new = KroneckerVectors(*(jnp.asarray(v, jnp.float32) for v in new))
+    new = kind(*(jnp.asarray(v, jnp.float32) for v in new))
     return running_average(old, new, count, stat_decay)
 
-  return Collector(KroneckerVectors, init, update, vectors_with_bias)
+  return Collector(kind, init, update, with_bias)
 
 
-def vectors_with_bias(stats: KroneckerVectors) -> KroneckerVectors:
+def vectors_with_bias(stats):
   """ā with the bias input 1 appended (its mean is 1)."""
   return stats._replace(a=jnp.append(stats.a, 1.0))
+
+
+def kronecker_vectors(stat_decay: float) -> Collector:
+  """Eva's ā, ḡ (O(d_in + d_out) state per layer)."""
+  return _collector(KroneckerVectors, lambda d_in, d_aug, d_out: ((d_in,), (d_out,)), stat_decay,
+                    vectors_with_bias)
+
+
+def kronecker_factors(stat_decay: float) -> Collector:
+  """K-FAC's A, G (O(d_in² + d_out²) state per layer)."""
+  return _collector(KroneckerFactors,
+                    lambda d_in, d_aug, d_out: ((d_aug, d_aug), (d_out, d_out)), stat_decay)
+
+
+def activation_factor(stat_decay: float) -> Collector:
+  """FOOF's A (O(d_in²) state per layer)."""
+  return _collector(ActivationFactor, lambda d_in, d_aug, d_out: ((d_aug, d_aug),), stat_decay)
+
+
+def activation_vector(stat_decay: float) -> Collector:
+  """Eva-f's ā (O(d_in) state per layer)."""
+  return _collector(ActivationVector, lambda d_in, d_aug, d_out: ((d_in,),), stat_decay,
+                    vectors_with_bias)
 
 
 def flatten_curvature(curvature) -> dict[layers.LayerName, NamedTuple]:

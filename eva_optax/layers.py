@@ -85,16 +85,14 @@ def _kernel_size(conv: nn.Conv) -> tuple[int, ...]:
   return (conv.kernel_size,) if isinstance(conv.kernel_size, int) else tuple(conv.kernel_size)
 
 
-def _mean_patch(conv: nn.Conv, x: jax.Array) -> jax.Array:
-  """Mean im2col patch over batch and output positions, ordered like the reshaped HWIO kernel.
+def _patches(conv: nn.Conv, images: jax.Array) -> jax.Array:
+  """im2col rows ``[N · positions, d_in]`` of float32 ``images [N, *spatial, c_in]``, each row
+  ordered like the reshaped HWIO kernel (spatial offsets major, channel minor).
 
-  im2col is linear, so the batch mean is taken first (one image instead of B) and the patch
-  extraction runs once: cost O(H·W·c_in·prod(kernel_size)), far below the convolution itself.
   Zero padding counts as inputs, exactly as in the convolution.
   """
   kernel_size = _kernel_size(conv)
   rank = len(kernel_size)
-  image = jnp.mean(x.astype(jnp.float32).reshape((-1,) + x.shape[x.ndim - rank - 1:]), axis=0)
   kernel_dilation = _spatial_tuple(conv.kernel_dilation, rank)
   padding = canonicalize_padding(conv.padding, rank)
   if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
@@ -105,27 +103,59 @@ def _mean_patch(conv: nn.Conv, x: jax.Array) -> jax.Array:
     else:
       pads = [((k - 1) // 2, k // 2) for k in dilated]
       mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
-    image = jnp.pad(image, pads + [(0, 0)], mode=mode)
+    images = jnp.pad(images, [(0, 0)] + pads + [(0, 0)], mode=mode)
     padding = "VALID"
   spatial = tuple(range(1, rank + 1))
   numbers = jax.lax.ConvDimensionNumbers(
       lhs_spec=(0, rank + 1) + spatial, rhs_spec=tuple(range(rank + 2)),
       out_spec=(0, rank + 1) + spatial)
   patches = jax.lax.conv_general_dilated_patches(
-      image[None], kernel_size, _spatial_tuple(conv.strides, rank), padding,
+      images, kernel_size, _spatial_tuple(conv.strides, rank), padding,
       lhs_dilation=_spatial_tuple(conv.input_dilation, rank), rhs_dilation=kernel_dilation,
       dimension_numbers=numbers, precision=jax.lax.Precision.HIGHEST)
-  c_in = image.shape[-1]
-  mean = jnp.mean(patches.reshape(-1, patches.shape[-1]), axis=0)
+  c_in = images.shape[-1]
   # The patch features come out channel-major (c, *kernel); the kernel is (*kernel, c).
-  return jnp.moveaxis(mean.reshape((c_in,) + kernel_size), 0, -1).reshape(-1)
+  rows = patches.reshape((-1, c_in) + kernel_size)
+  return jnp.moveaxis(rows, 1, -1).reshape(rows.shape[0], -1)
+
+
+def _images(conv: nn.Conv, x: jax.Array) -> jax.Array:
+  """The conv input as float32 ``[N, *spatial, c_in]`` (leading batch axes flattened)."""
+  rank = len(_kernel_size(conv))
+  return x.astype(jnp.float32).reshape((-1,) + x.shape[x.ndim - rank - 1:])
+
+
+def _rows(module: nn.Module, x: jax.Array) -> jax.Array:
+  """The layer input as the float32 rows ``[rows, d_in]`` of its matrix multiply."""
+  if isinstance(module, nn.Conv):
+    return _patches(module, _images(module, x))
+  return x.astype(jnp.float32).reshape(-1, x.shape[-1])
 
 
 def mean_input(module: nn.Module, x: jax.Array) -> jax.Array:
-  """ā: the layer input averaged over every row of the matrix multiply, float32 ``(d_in,)``."""
+  """ā: the layer input averaged over every row of the matrix multiply, float32 ``(d_in,)``.
+
+  For a conv, im2col is linear, so the batch mean is taken first (one image instead of B) and
+  the patch extraction runs once: O(H·W·c_in·prod(kernel_size)), far below the convolution.
+  """
   if isinstance(module, nn.Conv):
-    return _mean_patch(module, x)
-  return jnp.mean(x.astype(jnp.float32).reshape(-1, x.shape[-1]), axis=0)
+    mean_image = jnp.mean(_images(module, x), axis=0, keepdims=True)
+    return jnp.mean(_patches(module, mean_image), axis=0)
+  return jnp.mean(_rows(module, x), axis=0)
+
+
+def input_covariance(module: nn.Module, x: jax.Array) -> jax.Array:
+  """A = mean over rows of a aᵀ, float32 ``[d_in (+1), d_in (+1)]``.
+
+  Rows are every (example, sequence position, conv output position) of the matrix multiply
+  (KFC for conv: the im2col patches of the whole batch). With a bias the input gets a constant
+  1 appended, so A's last row and column are ā and 1 (the bias row of Ĝ). Cost O(rows · d_in²),
+  the order of the layer's own forward pass.
+  """
+  rows = _rows(module, x)
+  if module.use_bias:
+    rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+  return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST) / rows.shape[0]
 
 
 def describe(module: nn.Module, name: LayerName, x: jax.Array, y: jax.Array) -> LayerInfo:

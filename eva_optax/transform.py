@@ -100,6 +100,13 @@ def _match(curvature, grads: Mapping, stats: Mapping, collector: collectors.Coll
         "tx.update(grads, state, params, curvature=curvature), with curvature from "
         "eva_optax.flax.value_and_grad(loss_fn, statistics=...) or built by hand (see "
         "eva_optax.collectors).")
+  names = {kind: name for name, kind in collectors.RECORDS.items()}
+  if isinstance(curvature, Mapping) and curvature and set(curvature) <= set(names.values()):
+    if names.get(collector.kind) not in curvature:
+      raise ValueError(
+          f"eva_optax: curvature holds {sorted(curvature)} but this optimizer needs "
+          f"'{names.get(collector.kind)}': add it to `statistics`.")
+    curvature = curvature[names[collector.kind]]
   flat = collectors.flatten_curvature(curvature)
   for name, record in flat.items():
     if name not in grads or name not in stats:
@@ -147,7 +154,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     found = layers.find_layers(params)
     return ScaleByKroneckerState(
         count=jnp.zeros((), jnp.int32),
-        stats={k: collector.init(v["kernel"]) for k, v in found.items()},
+        stats={k: collector.init(v["kernel"], "bias" in v) for k, v in found.items()},
         preconditioner={k: preconditioner.init(v["kernel"], "bias" in v) for k, v in found.items()})
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
