@@ -43,9 +43,19 @@ def _output_factor(ct: jax.Array, batch_size: int) -> jax.Array:
   return batch_size * jnp.matmul(ct.T, ct, precision=_HIGHEST)
 
 
+def _input_mean(module, x, y):
+  del y
+  return layers.mean_input(module, x)
+
+
+def _input_factor(module, x, y):
+  del y
+  return layers.input_covariance(module, x)
+
+
 class _Kind(NamedTuple):
-  """How one statistics record is reduced: ``forward(module, x)`` from the layer input in the
-  forward pass, ``backward(ct [rows, d_out] float32, batch_size)`` from the output cotangent in
+  """How one statistics record is reduced: ``forward(module, x, y)`` from the layer input and
+  output in the forward pass, ``backward(ct [rows, d_out] float32, batch_size)`` from the output cotangent in
   the backward pass (each ``None`` when the record has no such part)."""
 
   forward: Optional[Callable]
@@ -53,10 +63,10 @@ class _Kind(NamedTuple):
 
 
 _KINDS = {
-    "kronecker_vectors": _Kind(layers.mean_input, _output_mean),
-    "kronecker_factors": _Kind(layers.input_covariance, _output_factor),
-    "activation_factor": _Kind(layers.input_covariance, None),
-    "activation_vector": _Kind(layers.mean_input, None),
+    "kronecker_vectors": _Kind(_input_mean, _output_mean),
+    "kronecker_factors": _Kind(_input_factor, _output_factor),
+    "activation_factor": _Kind(_input_factor, None),
+    "activation_vector": _Kind(_input_mean, None),
 }
 
 
@@ -120,7 +130,7 @@ class _Capture:
       for kind in self.kinds:
         fn = _KINDS[kind].forward
         if fn is not None and fn not in reduced:
-          reduced[fn] = fn(module, x)
+          reduced[fn] = fn(module, x, y)
       self.forward[name] = {k: reduced[_KINDS[k].forward] for k in self.kinds
                             if _KINDS[k].forward is not None}
     if self.probes.get(name):
