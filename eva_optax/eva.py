@@ -24,7 +24,6 @@ from eva_optax import collectors, layers, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DAMPING_MODES = ("absolute", "relative")
-SCALINGS = ("kl_normalize", "kl_clip", None)
 
 
 class EvaLayerTerms(NamedTuple):
@@ -41,6 +40,15 @@ class EvaLayerTerms(NamedTuple):
   signal: jax.Array
 
 
+def effective_damping(signal: jax.Array, damping, damping_mode: str, relative_damping):
+  """γ_eff: ``damping`` (``"absolute"``) or max(``damping``, λ·signal) (``"relative"``), with
+  signal the nonzero eigenvalue of the rank-one curvature, float32 scalar."""
+  gamma = jnp.asarray(damping, jnp.float32)
+  if damping_mode == "relative":
+    gamma = jnp.maximum(gamma, jnp.asarray(relative_damping, jnp.float32) * signal)
+  return gamma
+
+
 def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, damping,
               damping_mode: str = "relative", relative_damping=0.5) -> EvaLayerTerms:
   """Sherman–Morrison direction of one layer (DESIGN §4).
@@ -55,23 +63,22 @@ def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, dampin
   """
   a, g = stats.a, stats.g
   signal = jnp.dot(a, a, precision=_HIGHEST) * jnp.dot(g, g, precision=_HIGHEST)
-  gamma = jnp.asarray(damping, jnp.float32)
-  if damping_mode == "relative":
-    gamma = jnp.maximum(gamma, jnp.asarray(relative_damping, jnp.float32) * signal)
+  gamma = effective_damping(signal, damping, damping_mode, relative_damping)
   projection = jnp.einsum("i,ij,j->", a, grad_matrix, g, precision=_HIGHEST)
   direction = grad_matrix - (projection / (signal + gamma)) * jnp.outer(a, g)
   return EvaLayerTerms(direction, gamma, signal)
 
 
-def _check(damping, damping_mode, relative_damping, scaling) -> None:
+def check_damping(damping, damping_mode, relative_damping, scaling) -> None:
   transform.check_positive("damping", damping)
   if damping_mode not in DAMPING_MODES:
     raise ValueError(f"eva_optax: damping_mode must be one of {DAMPING_MODES}, "
                      f"got {damping_mode!r}.")
   if damping_mode == "relative":
     transform.check_positive("relative_damping", relative_damping, allow_zero=True)
-  if scaling not in SCALINGS:
-    raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
+  if scaling not in transform.SCALINGS:
+    raise ValueError(f"eva_optax: scaling must be one of {transform.SCALINGS}, "
+                     f"got {scaling!r}.")
   if scaling == "kl_clip" and damping_mode != "absolute":
     # Measured (benchmarks/RESULTS.md): Ṽ = B²V/γ_eff with γ_eff ∝ ‖ā‖²‖ḡ‖² makes the clipped
     # step a fixed-length jump that diverged on every task and learning rate tried.
@@ -128,7 +135,7 @@ def scale_by_eva(
       damping; at update time
       (trace time under jit) missing or mismatched ``curvature``.
   """
-  _check(damping, damping_mode, relative_damping, scaling)
+  check_damping(damping, damping_mode, relative_damping, scaling)
   natural = scaling == "kl_clip"
 
   def apply(stats, state, grad_matrix):
@@ -140,14 +147,9 @@ def scale_by_eva(
 
   preconditioner = transform.Preconditioner(
       init=lambda kernel, has_bias: (), update=lambda stats, state, count: state, apply=apply)
-  if scaling == "kl_normalize":
-    scale = transform.kl_normalize()
-  elif scaling == "kl_clip":
-    scale = transform.kl_clip(kl_clip, learning_rate)
-  else:
-    scale = transform.no_scaling()
   return transform.scale_by_kronecker(
-      collectors.kronecker_vectors(stat_decay), preconditioner, scale)
+      collectors.kronecker_vectors(stat_decay), preconditioner,
+      transform.scaling_by_name(scaling, kl_clip, learning_rate))
 
 
 def eva(

@@ -8,7 +8,7 @@ Every optimizer in the package is a pairing passed to :func:`scale_by_kronecker`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,26 @@ def kl_clip(kl_clip_value, learning_rate) -> Scaling:
 
 def no_scaling() -> Scaling:
   return lambda directions, grads, count: jnp.ones((), jnp.float32)
+
+
+SCALINGS = ("kl_normalize", "kl_clip", None)
+
+
+def scaling_by_name(scaling: Optional[str], kl_clip_value=1e-3,
+                    learning_rate: Optional[optax.ScalarOrSchedule] = None) -> Scaling:
+  """The :data:`Scaling` named ``scaling`` (one of :data:`SCALINGS`).
+
+  Raises:
+    ValueError: an unknown name; ``"kl_clip"`` with ``kl_clip_value <= 0`` or without
+      ``learning_rate``.
+  """
+  if scaling == "kl_normalize":
+    return kl_normalize()
+  if scaling == "kl_clip":
+    return kl_clip(kl_clip_value, learning_rate)
+  if scaling is None:
+    return no_scaling()
+  raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
 
 
 def _match(curvature, grads: Mapping, stats: Mapping, collector: collectors.Collector) -> dict:

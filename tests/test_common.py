@@ -24,6 +24,15 @@ OPTIMIZERS = [
     ("eva_unscaled_nesterov",
      functools.partial(eva_optax.eva, scaling=None, nesterov=True, weight_decay=1e-4),
      "kronecker_vectors", {"damping": 1.0}),
+    # A KL clip that binds at both learning rates makes the update independent of the rate
+    # (tested in test_kfac); here it is loose so inject_hyperparams' rate shows.
+    ("kfac", functools.partial(eva_optax.kfac, inverse_update_period=2), "kronecker_factors",
+     {"damping": 1e-2, "kl_clip": 10.0}),
+    ("kfac_eigh_unscaled", functools.partial(eva_optax.kfac, inverse="eigh", scaling=None),
+     "kronecker_factors", {"damping": 1.0}),
+    ("foof", functools.partial(eva_optax.foof, inverse_update_period=2), "activation_factor",
+     {"damping": 1e-1, "kl_clip": 10.0}),
+    ("eva_f", eva_optax.eva_f, "activation_vector", {"damping": 1.0}),
 ]
 ROWS = [pytest.param(*row[1:], id=row[0]) for row in OPTIMIZERS]
 

@@ -1,0 +1,115 @@
+"""Eva-f: the vectorized FOOF of the Eva journal extension.
+
+Zhang, Shi, Li, "Eva: A General Vectorized Approximation Framework for Second-order
+Optimization" (journal extension of the ICLR 2023 Eva). Math: DESIGN §4. FOOF's activation
+factor A is replaced by the rank-one ā āᵀ of the running mean input, whose damped inverse is
+closed-form (Sherman–Morrison):
+
+    V = γ (ā āᵀ + γI)⁻¹ Ĝ = Ĝ − ā (āᵀ Ĝ) / (‖ā‖² + γ).
+
+Only ā is captured (no output gradients, no backward-pass statistics), so it costs less than
+Eva: O(d_in) state and O(d_in·d_out) time per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax import collectors, transform
+from eva_optax.eva import EvaLayerTerms, check_damping, effective_damping
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def eva_f_layer(stats: collectors.ActivationVector, grad_matrix: jax.Array, damping,
+                damping_mode: str = "relative", relative_damping=0.5) -> EvaLayerTerms:
+  """Sherman–Morrison direction of one layer.
+
+  Args:
+    stats: ā ``(d_in[+1],)`` (bias-augmented when Ĝ has a bias row), float32.
+    grad_matrix: Ĝ ``[d_in[+1], d_out]`` float32.
+    damping, damping_mode, relative_damping: as :func:`~eva_optax.eva_layer`, with the signal
+      ‖ā‖² (γ_eff = max(γ, λ‖ā‖²) in relative mode bounds the removed fraction of Ĝ's component
+      along ā by 1/(1+λ)).
+
+  Returns:
+    :class:`~eva_optax.EvaLayerTerms` (direction, γ_eff, ‖ā‖²).
+  """
+  a = stats.a
+  signal = jnp.dot(a, a, precision=_HIGHEST)
+  gamma = effective_damping(signal, damping, damping_mode, relative_damping)
+  projection = jnp.matmul(a, grad_matrix, precision=_HIGHEST)
+  return EvaLayerTerms(grad_matrix - jnp.outer(a, projection) / (signal + gamma), gamma,
+                           signal)
+
+
+def scale_by_eva_f(
+    damping: float = 1e-3,
+    *,
+    damping_mode: str = "relative",
+    relative_damping: float = 0.5,
+    stat_decay: float = 0.95,
+    scaling: Optional[str] = "kl_normalize",
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f's preconditioned direction, to compose with momentum and a learning rate.
+
+  Args:
+    damping: γ > 0 (units of squared activations); a floor in ``"relative"`` mode.
+    damping_mode: ``"relative"`` (default, γ_eff = max(γ, λ‖ā‖²)) or ``"absolute"``.
+    relative_damping: λ ≥ 0 of the relative mode.
+    stat_decay: weight of the new ā in its running average (as :func:`~eva_optax.scale_by_eva`).
+    scaling: ``"kl_normalize"`` (journal, default) or ``None``.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
+    with :class:`~eva_optax.ActivationVector` records, from
+    ``eva_optax.flax.value_and_grad(loss_fn, statistics="activation_vector")``.
+
+  Raises:
+    ValueError: ``damping <= 0``, negative ``relative_damping``, unknown ``damping_mode`` or
+      ``scaling`` (``"kl_clip"`` is not offered: Eva-f has no reference clip); at update time
+      missing or mismatched ``curvature``.
+  """
+  if scaling == "kl_clip":
+    raise ValueError("eva_optax: Eva-f takes scaling='kl_normalize' or None.")
+  check_damping(damping, damping_mode, relative_damping, scaling)
+
+  def apply(stats, state, grad_matrix):
+    del state
+    return eva_f_layer(stats, grad_matrix, damping, damping_mode, relative_damping).direction
+
+  preconditioner = transform.Preconditioner(
+      init=lambda kernel, has_bias: (), update=lambda stats, state, count: state, apply=apply)
+  return transform.scale_by_kronecker(collectors.activation_vector(stat_decay), preconditioner,
+                                      transform.scaling_by_name(scaling))
+
+
+def eva_f(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: float = 1e-3,
+    damping_mode: str = "relative",
+    relative_damping: float = 0.5,
+    stat_decay: float = 0.95,
+    scaling: Optional[str] = "kl_normalize",
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  """The complete Eva-f optimizer: :func:`scale_by_eva_f` → ``optax.add_decayed_weights`` →
+  ``optax.trace(momentum, nesterov)`` → ``−learning_rate`` (the order of :func:`eva`).
+
+  Args: as :func:`~eva_optax.eva` and :func:`scale_by_eva_f`. Call ``update(grads, state,
+  params, curvature=curvature)`` with ``statistics="activation_vector"``.
+  """
+  return optax.chain(
+      scale_by_eva_f(damping, damping_mode=damping_mode, relative_damping=relative_damping,
+                     stat_decay=stat_decay, scaling=scaling),
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,95 @@
+"""FOOF: first-order optimization with one-sided (activation) curvature.
+
+Benzing, "Gradient Descent on Neurons and its Link to Approximate Second-order Optimization",
+ICML 2022. Math: DESIGN §4. Per layer
+
+    V = (A + γI)⁻¹ Ĝ,
+
+A the (bias-augmented) activation factor of K-FAC (:class:`~eva_optax.ActivationFactor`), with
+the damped inverse cached and refreshed every ``inverse_update_period`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax import collectors, transform
+from eva_optax.kfac import check_inverse_options, damped_inverse, refresh_every
+
+
+def scale_by_foof(
+    damping: float = 1e-3,
+    *,
+    stat_decay: float = 0.05,
+    inverse_update_period: int = 10,
+    inverse: str = "cholesky",
+    scaling: Optional[str] = "kl_clip",
+    kl_clip: float = 1e-3,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """FOOF's preconditioned direction (A + γI)⁻¹ Ĝ, to compose with momentum and a learning rate.
+
+  Args:
+    damping: γ > 0, added to A (units of squared activations).
+    stat_decay, inverse_update_period, inverse, scaling, kl_clip, learning_rate: as in
+      :func:`~eva_optax.scale_by_kfac`.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
+    with :class:`~eva_optax.ActivationFactor` records, from
+    ``eva_optax.flax.value_and_grad(loss_fn, statistics="activation_factor")`` (no output-gradient
+    statistics are captured). State: running A and its damped inverse, O(d_in²) per layer.
+
+  Raises:
+    ValueError: as :func:`~eva_optax.scale_by_kfac`.
+  """
+  check_inverse_options(damping, inverse_update_period, inverse)
+
+  def init(kernel, has_bias):
+    return jnp.eye(math.prod(jnp.shape(kernel)[:-1]) + has_bias, dtype=jnp.float32)
+
+  def update(stats, state, count):
+    return refresh_every(inverse_update_period, count,
+                         lambda: damped_inverse(stats.a, damping, inverse), state)
+
+  def apply(stats, state, grad_matrix):
+    del stats
+    return jnp.matmul(state, grad_matrix, precision=jax.lax.Precision.HIGHEST)
+
+  return transform.scale_by_kronecker(
+      collectors.activation_factor(stat_decay), transform.Preconditioner(init, update, apply),
+      transform.scaling_by_name(scaling, kl_clip, learning_rate))
+
+
+def foof(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: float = 1e-3,
+    stat_decay: float = 0.05,
+    inverse_update_period: int = 10,
+    inverse: str = "cholesky",
+    scaling: Optional[str] = "kl_clip",
+    kl_clip: float = 1e-3,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  """The complete FOOF optimizer: :func:`scale_by_foof` → ``optax.add_decayed_weights`` →
+  ``optax.trace(momentum, nesterov)`` → ``−learning_rate``.
+
+  Args: as :func:`~eva_optax.kfac`. Call ``update(grads, state, params, curvature=curvature)``
+  with ``statistics="activation_factor"``.
+  """
+  return optax.chain(
+      scale_by_foof(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,
+                    inverse=inverse, scaling=scaling, kl_clip=kl_clip,
+                    learning_rate=learning_rate),
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
