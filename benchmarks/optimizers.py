@@ -53,6 +53,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam": OptimizerSpec(optax.adam, None, _per_task(3e-2, 1e-3, 1e-3, 1e-3)),
     "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(0.3, 0.5, 0.1, 0.1),
                          diagnostics=_eva_diagnostics),
+    "kfac": OptimizerSpec(eva_optax.kfac, "kronecker_factors", _per_task(0.3, 0.3, 0.1, 0.1)),
+    "foof": OptimizerSpec(eva_optax.foof, "activation_factor", _per_task(0.3, 0.3, 0.1, 0.1)),
+    "eva_f": OptimizerSpec(eva_optax.eva_f, "activation_vector", _per_task(0.3, 0.5, 0.1, 0.1)),
 }
 
 

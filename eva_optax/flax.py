@@ -30,7 +30,6 @@ from eva_optax import collectors, layers
 
 STATISTICS = tuple(collectors.RECORDS)
 DISTRIBUTIONS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _output_mean(ct: jax.Array, batch_size: int) -> jax.Array:
@@ -40,7 +39,7 @@ def _output_mean(ct: jax.Array, batch_size: int) -> jax.Array:
 
 def _output_factor(ct: jax.Array, batch_size: int) -> jax.Array:
   """G = (1/B) Σ_rows (B·∂L/∂y)(B·∂L/∂y)ᵀ: positions summed, examples averaged."""
-  return batch_size * jnp.matmul(ct.T, ct, precision=_HIGHEST)
+  return batch_size * layers.gram(ct)
 
 
 def _input_mean(module, x, y):
@@ -51,6 +50,12 @@ def _input_mean(module, x, y):
 def _input_factor(module, x, y):
   del y
   return layers.input_covariance(module, x)
+
+
+def _output_mean_forward(module, x, y):
+  """ȳ: the layer output (pre-activation) averaged over rows, float32 ``(d_out,)``."""
+  del module, x
+  return jnp.mean(y.astype(jnp.float32).reshape(-1, y.shape[-1]), axis=0)
 
 
 class _Kind(NamedTuple):
@@ -67,6 +72,7 @@ _KINDS = {
     "kronecker_factors": _Kind(_input_factor, _output_factor),
     "activation_factor": _Kind(_input_factor, None),
     "activation_vector": _Kind(_input_mean, None),
+    "output_vectors": _Kind(_output_mean_forward, _output_mean),
 }
 
 
@@ -259,7 +265,9 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
         of a aᵀ (bias-augmented), G = B × Σ_rows ∂L/∂y ∂L/∂yᵀ — positions averaged in A, summed
         in G (KFC);
       * ``"activation_factor"`` (FOOF): :class:`~eva_optax.ActivationFactor`, A only;
-      * ``"activation_vector"`` (Eva-f): :class:`~eva_optax.ActivationVector`, ā only.
+      * ``"activation_vector"`` (Eva-f): :class:`~eva_optax.ActivationVector`, ā only;
+      * ``"output_vectors"`` (K-BFGS): :class:`~eva_optax.OutputVectors` ȳ ``(d_out,)``, the
+        mean layer output (pre-activation), and ḡ as in ``"kronecker_vectors"``.
 
       Input statistics are reduced in the forward pass and output-gradient statistics in the
       backward pass (a custom-VJP tap on the layer output), so no ``[B, d]`` array is returned.
@@ -349,3 +357,39 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
     return (value, grads), curvature
 
   return wrapped
+
+
+def curvature_fn(loss_fn: Callable, *args, statistics: Union[str, Sequence[str]] = "output_vectors",
+                 has_aux: bool = False, axis_name: Optional[str] = None,
+                 **kwargs) -> Callable:
+  """The second pass of K-BFGS: a function from trial parameters to captured statistics.
+
+  Optimizers that measure curvature along their own step (:func:`eva_optax.kbfgs`,
+  :func:`eva_optax.kbfgs_l`) evaluate the statistics again at the trial point W + αp on the
+  *same* batch; they take this function as the keyword ``curvature_fn`` of ``update``.
+
+  Args:
+    loss_fn: the loss function given to :func:`value_and_grad` (mean over the batch).
+    *args, **kwargs: the step's batch arguments of ``loss_fn`` after ``params``, bound here.
+    statistics, has_aux, axis_name: as in :func:`value_and_grad` (under ``pmap``/``shard_map``
+      pass the same ``axis_name``, so every replica sees the global-batch statistics).
+
+  Returns:
+    ``trial_params -> curvature`` (the third output of :func:`value_and_grad`; the parameter
+    gradients it also computes are dropped, and ``jit`` removes their computation).
+
+  Example, a Flax training step with K-BFGS::
+
+    tx = eva_optax.kbfgs(0.3)
+    capture = eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS)
+
+    @jax.jit
+    def train_step(params, opt_state, x, y):
+      (loss, grads), curvature = capture(params, x, y)
+      updates, opt_state = tx.update(
+          grads, opt_state, params, curvature=curvature,
+          curvature_fn=eva_optax.flax.curvature_fn(loss_fn, x, y))
+      return optax.apply_updates(params, updates), opt_state, loss
+  """
+  capture = value_and_grad(loss_fn, statistics=statistics, has_aux=has_aux, axis_name=axis_name)
+  return lambda trial_params: capture(trial_params, *args, **kwargs)[1]

@@ -114,9 +114,12 @@ def _patches(conv: nn.Conv, images: jax.Array) -> jax.Array:
       lhs_dilation=_spatial_tuple(conv.input_dilation, rank), rhs_dilation=kernel_dilation,
       dimension_numbers=numbers, precision=jax.lax.Precision.HIGHEST)
   c_in = images.shape[-1]
-  # The patch features come out channel-major (c, *kernel); the kernel is (*kernel, c).
-  rows = patches.reshape((-1, c_in) + kernel_size)
-  return jnp.moveaxis(rows, 1, -1).reshape(rows.shape[0], -1)
+  # The patch features come out channel-major (c, *kernel); the kernel is (*kernel, c). Split
+  # and merge only the feature axis here: a batch-sharded array (jit with a sharded batch)
+  # cannot merge and split axes in one reshape.
+  features = patches.reshape(patches.shape[:-1] + (c_in,) + kernel_size)
+  features = jnp.moveaxis(features, patches.ndim - 1, -1).reshape(patches.shape)
+  return features.reshape(-1, patches.shape[-1])
 
 
 def _images(conv: nn.Conv, x: jax.Array) -> jax.Array:
@@ -155,7 +158,19 @@ def input_covariance(module: nn.Module, x: jax.Array) -> jax.Array:
   rows = _rows(module, x)
   if module.use_bias:
     rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
-  return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST) / rows.shape[0]
+  return gram(rows) / rows.shape[0]
+
+
+def gram(rows: jax.Array) -> jax.Array:
+  """rowsᵀ rows ``[d, d]`` at HIGHEST precision, replicated when ``rows`` is batch-sharded.
+
+  Under ``jit`` with an explicitly sharded batch the contraction runs over the sharded axis,
+  and JAX needs the output sharding spelled out.
+  """
+  mesh = getattr(jax.typeof(rows).sharding, "mesh", None)
+  explicit = mesh is not None and jax.sharding.AxisType.Explicit in mesh.axis_types
+  out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if explicit else None
+  return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST, out_sharding=out)
 
 
 def describe(module: nn.Module, name: LayerName, x: jax.Array, y: jax.Array) -> LayerInfo:
