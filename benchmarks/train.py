@@ -8,6 +8,7 @@ from statistics import median
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
@@ -25,8 +26,11 @@ def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: O
   """Jitted ``(params, state, x, y) -> (params, state, loss)``.
 
   First-order optimizers take plain gradients; second-order ones also get the per-layer
-  statistics captured in the same forward/backward pass as ``curvature``.
+  statistics captured in the same forward/backward pass as ``curvature``. A peer that is not an
+  optax transformation (e.g. :mod:`benchmarks.kfac_jax_peer`) supplies its own ``make_step``.
   """
+  if hasattr(tx, "make_step"):
+    return tx.make_step(task)
   if statistics is None:
     grad_fn = jax.value_and_grad(loss_fn(task))
   else:
@@ -39,10 +43,22 @@ def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: O
       updates, state = tx.update(grads, state, params)
     else:
       (loss, grads), curvature = capture(params, x, y)
-      updates, state = tx.update(grads, state, params, curvature=curvature)
+      # The same statistics at trial parameters on this batch: K-BFGS's second pass calls it,
+      # the other optimizers ignore it (so it is never traced for them).
+      second_pass = eva_optax.flax.curvature_fn(loss_fn(task), x, y, statistics=statistics)
+      updates, state = tx.update(grads, state, params, curvature=curvature,
+                                 curvature_fn=second_pass)
     return optax.apply_updates(params, updates), state, loss
 
   return step
+
+
+def init_state(tx, params, x: np.ndarray, y: np.ndarray):
+  """The optimizer state; a peer with its own ``make_step`` also sees a batch (kfac-jax traces
+  the model on it to find the layers)."""
+  if hasattr(tx, "make_step"):
+    return tx.init(params, x, y)
+  return tx.init(params)
 
 
 def state_bytes(state) -> int:
@@ -69,7 +85,11 @@ def train(task: models.Task, data: datasets.Dataset, tx: optax.GradientTransform
     ``median_step_s``, ``state_bytes``, ``diverged`` and ``diverged_step``.
   """
   step = make_step(task, tx, statistics)
-  state = tx.init(params)
+  # A peer may donate its input buffers (kfac-jax does): train on a copy, so the caller's
+  # initial parameters stay valid for the next optimizer.
+  params = jax.tree.map(jnp.copy, params)
+  first = orders[0][:batch_size]
+  state = init_state(tx, params, data.x_train[first], data.y_train[first])
   per_epoch = len(orders[0]) // batch_size
   curve = {"step": [], "loss": [], "wall": []}
   evals = [dict(first_eval, step=0, epoch=0.0, wall=0.0)]

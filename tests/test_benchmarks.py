@@ -111,6 +111,20 @@ def test_digits_run(tmp_path):
   assert results["runs"]["sgd"]["summary"]["ratio_to_sgd"] == 1.0
 
 
+def test_kronecker_baselines_and_the_kfac_jax_peer_run(tmp_path):
+  names = ["kfac", "kfac_jax", "foof", "eva_f"]
+  results = run.main(["--task", "digits_mlp", "--steps", "20", "--optimizers", ",".join(names),
+                      "--timing-rounds", "3", "--out", str(tmp_path), "--no-plot"])
+  for label in names:
+    entry = results["runs"][label]
+    evals = entry["seeds"][0]["evals"]
+    assert not entry["summary"]["diverged"], label
+    assert evals[-1]["train_loss"] < 0.5 * evals[0]["train_loss"], label
+  # Both K-FACs hold the same Kronecker factors (and inverses) of the same layers.
+  ours, peer = (results["runs"][k]["seeds"][0]["state_bytes"] for k in ("kfac", "kfac_jax"))
+  assert abs(ours - peer) < 0.01 * ours
+
+
 def test_cnn_run_on_synthetic_mnist(tmp_path, offline):
   write_mnist(tmp_path, n_train=64, n_test=16)
   results = run.main(["--task", "mnist_cnn", "--steps", "3", "--batch-size", "16",
