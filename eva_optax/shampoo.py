@@ -1,0 +1,468 @@
+"""Shampoo with blocking, grafting and delayed inverse roots (DESIGN §4).
+
+Gupta, Koren, Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization", ICML 2018;
+Anil, Gupta, Koren, Regan, Singer, "Scalable Second Order Optimization for Deep Learning" (the
+blocking, grafting, delayed-root and coupled-Newton machinery of the reference
+``distributed_shampoo``; written here from the papers' formulas).
+
+For every parameter tensor, after merging small dimensions (``[3, 3, 128, 128] →
+[9, 128, 128]``) and cutting every dimension into blocks of at most ``block_size``, each block
+G of rank k keeps one statistic per mode, e.g. for a matrix
+
+    L ← β₂ L + w G Gᵀ,   R ← β₂ R + w Gᵀ G     (w = 1 if β₂ = 1 else 1 − β₂; L₀ = R₀ = εI)
+
+and is preconditioned as L^{-1/2k} G R^{-1/2k} (the mode-i statistic contracted with mode i).
+The blocks' directions are reassembled and the tensor's direction is rescaled to the norm of a
+first-order *graft* step (SGD, AdaGrad, RMSProp or Adam) — Shampoo picks the direction, the
+graft the step length.
+
+Unlike the Kronecker-factored optimizers of this package, Shampoo needs only the gradient: it
+does not use :func:`~eva_optax.scale_by_kronecker` and preconditions every tensor of rank ≥ 2
+(layer kernels, embeddings, …), not only captured layers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax import linalg
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+GRAFT_TYPES = ("sgd", "adagrad", "rmsprop", "adam")
+ROOT_METHODS = ("newton", "eigh")
+# Structural (shape-determining) arguments of `shampoo`/`scale_by_shampoo`: pass them as
+# ``optax.inject_hyperparams(eva_optax.shampoo, static_args=SHAMPOO_STATIC_ARGS)``.
+SHAMPOO_STATIC_ARGS = ("block_size", "start_preconditioning_step",
+                       "preconditioning_compute_steps", "exponent_override",
+                       "skip_preconditioning_dim_size_gt")
+
+
+class ShampooState(NamedTuple):
+  """State of :func:`scale_by_shampoo` (arrays only; checkpoints with orbax).
+
+  Attributes:
+    count: int32 scalar, number of updates so far.
+    stats: pytree like the params; per tensor a tuple of float32 stacks ``[n, b, b]``, one per
+      (block shape, mode): the statistics of the n blocks of that shape along that mode. ``()``
+      for tensors that get the graft update only.
+    preconditioner: same structure as ``stats``: the float32 inverse roots S^{-1/p} last
+      computed (identity before the first refresh).
+    graft: pytree like the params; per tensor ``()`` (SGD), ``(Σ g²,)`` (AdaGrad),
+      ``(EMA g²,)`` (RMSProp) or ``(EMA g, EMA g²)`` (Adam), float32.
+  """
+
+  count: jax.Array
+  stats: Any
+  preconditioner: Any
+  graft: Any
+
+
+class _Part(NamedTuple):
+  """A regular sub-grid of blocks: along dim d, ``counts[d]`` blocks of size ``block[d]``
+  starting at ``starts[d]`` (each dim has a full-block part and possibly one remainder part)."""
+
+  starts: tuple
+  counts: tuple
+  block: tuple
+
+
+class _Plan(NamedTuple):
+  """Static (trace-time) layout of one tensor; ``merged`` is None for graft-only tensors.
+  ``parts`` is the product (last dim fastest) of ``grid[d]`` pieces per dim."""
+
+  merged: Optional[tuple]
+  parts: tuple
+  p: int
+  grid: tuple = ()
+
+
+def merge_small_dims(shape: Sequence[int], max_dim: int) -> tuple:
+  """Merges consecutive dims while their product stays ≤ ``max_dim``; drops dims of size 1.
+
+  ``(3, 3, 128, 128), 128 → (9, 128, 128)``; ``(1, 10) → (10,)``; ``() → (1,)``.
+  """
+  merged, current = [], 1
+  for d in shape:
+    if current * d <= max_dim:
+      current *= d
+    else:
+      if current > 1:
+        merged.append(current)
+      current = d
+  if current > 1 or not merged:
+    merged.append(current)
+  return tuple(merged)
+
+
+def _plan(shape, block_size, skip_dim_gt, exponent_override) -> _Plan:
+  if len(shape) <= 1 or any(d > skip_dim_gt for d in shape):
+    return _Plan(None, (), 0)
+  merged = merge_small_dims(shape, block_size)
+  if len(merged) <= 1:
+    return _Plan(None, (), 0)
+  pieces = []
+  for d in merged:
+    full, rest = divmod(d, block_size)
+    dim_pieces = [(0, full, block_size)] if full else []
+    if rest:
+      dim_pieces.append((full * block_size, 1, rest))
+    pieces.append(dim_pieces)
+  parts = tuple(_Part(*zip(*combo)) for combo in itertools.product(*pieces))
+  return _Plan(merged, parts, exponent_override or 2 * len(merged),
+               tuple(len(p) for p in pieces))
+
+
+def _assemble(pieces: list, grid: tuple) -> jax.Array:
+  """Concatenates the parts (in ``itertools.product`` order) back into one tensor."""
+  for axis in reversed(range(len(grid))):
+    n = grid[axis]
+    pieces = [pieces[i] if n == 1 else jnp.concatenate(pieces[i:i + n], axis=axis)
+              for i in range(0, len(pieces), n)]
+  return pieces[0]
+
+
+def _n_blocks(part: _Part) -> int:
+  n = 1
+  for c in part.counts:
+    n *= c
+  return n
+
+
+def _blocks(x: jax.Array, part: _Part) -> jax.Array:
+  """The part's blocks of the merged tensor ``x``, stacked: ``[n, *part.block]``."""
+  k = len(part.block)
+  x = x[tuple(slice(s, s + n * b) for s, n, b in zip(part.starts, part.counts, part.block))]
+  x = x.reshape([v for n, b in zip(part.counts, part.block) for v in (n, b)])
+  x = x.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
+  return x.reshape((-1,) + tuple(part.block))
+
+
+def _unblock(blocks: jax.Array, part: _Part) -> jax.Array:
+  """Inverse of :func:`_blocks`: ``[n, *block] → [n₁b₁, …, n_kb_k]``."""
+  k = len(part.block)
+  x = blocks.reshape(tuple(part.counts) + tuple(part.block))
+  x = x.transpose([v for i in range(k) for v in (i, k + i)])
+  return x.reshape([n * b for n, b in zip(part.counts, part.block)])
+
+
+def _mode_gram(blocks: jax.Array, mode: int) -> jax.Array:
+  """``[n, b₁..b_k] → [n, b_mode, b_mode]``: the mode unfolding times its transpose."""
+  x = jnp.moveaxis(blocks, mode + 1, 1)
+  x = x.reshape(x.shape[0], x.shape[1], -1)
+  return jnp.einsum("nij,nkj->nik", x, x, precision=_HIGHEST)
+
+
+def _mode_product(blocks: jax.Array, matrices: jax.Array, mode: int) -> jax.Array:
+  """Contracts ``matrices [n, b, b]`` (symmetric) with mode ``mode`` of ``blocks``."""
+  x = jnp.moveaxis(blocks, mode + 1, 1)
+  shape = x.shape
+  x = jnp.einsum("nab,nbj->naj", matrices, x.reshape(shape[0], shape[1], -1),
+                 precision=_HIGHEST)
+  return jnp.moveaxis(x.reshape(shape), 1, mode + 1)
+
+
+def _static_int(name: str, value, minimum: int) -> int:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"eva_optax: {name} sets array shapes and cannot be a traced hyperparameter; use "
+        f"optax.inject_hyperparams(..., static_args=eva_optax.SHAMPOO_STATIC_ARGS).")
+  if hasattr(value, "shape") and not value.shape and hasattr(value, "item"):
+    value = value.item()  # a concrete 0-d array (inject_hyperparams' init)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"eva_optax: {name} must be an int >= {minimum}, got {value!r}.")
+  return value
+
+
+def check_positive(name: str, value) -> None:
+  """``ValueError`` unless a concrete hyperparameter is > 0; traced values and schedules pass.
+
+  (Like ``transform.check_positive`` but without ``jnp.asarray``, which returns a tracer when
+  called while another function is being traced, e.g. in ``inject_hyperparams``' update.)
+  """
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return
+  if not float(value) > 0:
+    raise ValueError(f"eva_optax: {name} must be > 0, got {value!r}.")
+
+
+def _check_unit_interval(name: str, value, *, closed_right: bool) -> None:
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return
+  v = float(value)
+  if not (0 <= v <= 1 if closed_right else 0 <= v < 1):
+    interval = "[0, 1]" if closed_right else "[0, 1)"
+    raise ValueError(f"eva_optax: {name} must lie in {interval}, got {value!r}.")
+
+
+def _graft_init(graft_type, param):
+  zeros = jnp.zeros(param.shape, jnp.float32)
+  return {"sgd": (), "adagrad": (zeros,), "rmsprop": (zeros,), "adam": (zeros, zeros)}[graft_type]
+
+
+def _graft_update(graft_type, grad, state, count, beta1, beta2, epsilon):
+  """One graft step: (direction, new state), float32."""
+  if graft_type == "sgd":
+    return grad, state
+  if graft_type == "adagrad":
+    (acc,) = state
+    acc = acc + grad * grad
+    return grad / (jnp.sqrt(acc) + epsilon), (acc,)
+  if graft_type == "rmsprop":
+    (acc,) = state
+    acc = beta2 * acc + (1 - beta2) * grad * grad
+    return grad / (jnp.sqrt(acc) + epsilon), (acc,)
+  mu, nu = state
+  mu = beta1 * mu + (1 - beta1) * grad
+  nu = beta2 * nu + (1 - beta2) * grad * grad
+  t = (count + 1).astype(jnp.float32)
+  mu_hat = mu / (1 - jnp.power(beta1, t))
+  nu_hat = nu / (1 - jnp.power(beta2, t))
+  return mu_hat / (jnp.sqrt(nu_hat) + epsilon), (mu, nu)
+
+
+def _rescale(direction, target):
+  """``direction`` rescaled to ``target``'s Frobenius norm (0 when ``direction`` is 0)."""
+  norm = jnp.linalg.norm(direction)
+  return direction * jnp.where(norm > 0, jnp.linalg.norm(target) / jnp.where(norm > 0, norm, 1),
+                               0.0)
+
+
+def scale_by_shampoo(
+    block_size: int = 128,
+    *,
+    beta2: float = 1.0,
+    matrix_epsilon: float = 1e-6,
+    start_preconditioning_step: int = 1,
+    preconditioning_compute_steps: int = 1,
+    exponent_override: int = 0,
+    skip_preconditioning_dim_size_gt: int = 4096,
+    graft_type: str = "adagrad",
+    graft_beta1: float = 0.9,
+    graft_beta2: float = 0.999,
+    graft_epsilon: float = 1e-8,
+    root_method: str = "newton",
+) -> optax.GradientTransformationExtraArgs:
+  """Shampoo's grafted direction, to compose with momentum and a learning rate.
+
+  Args:
+    block_size: int ≥ 1 (default 128). Every dimension (after merging consecutive dims whose
+      product is ≤ ``block_size``) is cut into blocks of this size plus one remainder block;
+      each block has its own statistics. Blocks of equal shape are stacked, and all statistics
+      of equal size and root order get their roots in one vmapped computation, so compile time
+      grows with the number of distinct block sizes, not with the number of blocks or layers.
+    beta2: β₂ ∈ [0, 1] of the statistics, S ← β₂S + w·G_(i)G_(i)ᵀ with w = 1 if β₂ = 1 (plain
+      sums, the original Shampoo; default) else 1 − β₂ (exponential moving average).
+    matrix_epsilon: ε > 0: statistics start at εI, and the roots use the ridge ε·λ_max(S)·I
+      (λ_max by power iteration; relative, so the direction is invariant to gradient scale).
+    start_preconditioning_step: int ≥ 0 (default 1). Updates 0 … start−1 (0-based update count)
+      are the graft step alone; statistics accumulate from update 0.
+    preconditioning_compute_steps: int ≥ 1, T (default 1). Roots are recomputed (``lax.cond``)
+      at updates start, start + T, start + 2T, …, from the statistics including that update's
+      gradient; in between the last roots are reused.
+    exponent_override: int p ≥ 1 to use S^{-1/p} for every statistic; 0 (default) uses
+      p = 2k for a block of rank k (−1/4 for matrices, −1/6 for merged rank-3 tensors).
+    skip_preconditioning_dim_size_gt: tensors with a dimension larger than this (default 4096)
+      get the graft update only, as do tensors of rank ≤ 1 (also after merging: ``(1, 10)``).
+    graft_type: ``"sgd"`` (the gradient), ``"adagrad"`` (g/(√Σg² + ε), default), ``"rmsprop"``
+      (g/(√EMA_{β₂'}(g²) + ε)) or ``"adam"`` (bias-corrected m̂/(√v̂ + ε)). Per tensor, the
+      Shampoo direction is rescaled to the Frobenius norm of this step.
+    graft_beta1, graft_beta2: decays of the Adam/RMSProp graft (defaults 0.9, 0.999).
+    graft_epsilon: ε > 0 of the AdaGrad/RMSProp/Adam graft denominators.
+    root_method: ``"newton"`` (coupled Newton iteration, default; matmuls only) or ``"eigh"``.
+      Roots are float64 when ``jax_enable_x64`` is on, and a root that is not finite or whose
+      residual max |X^p S_ε − I| exceeds 0.1 is discarded (the previous root is kept).
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params=None,
+    **extra_args)`` ignores ``params``, ``curvature=`` and any other extra argument, so it
+    drops into the same training step as :func:`~eva_optax.eva`. Updates have the gradients'
+    dtypes; statistics and roots are float32. Under ``pmap``/``shard_map`` average the
+    gradients over devices first (as for any optimizer): every replica then computes
+    identical roots.
+
+  Raises:
+    ValueError: a non-positive ``block_size``/``preconditioning_compute_steps``/``matrix_epsilon``
+      /``graft_epsilon``, a negative ``start_preconditioning_step``/``exponent_override``,
+      ``beta2`` outside [0, 1], graft decays outside [0, 1), an unknown ``graft_type`` or
+      ``root_method``, or a structural int traced by ``optax.inject_hyperparams`` (pass
+      ``static_args=eva_optax.SHAMPOO_STATIC_ARGS``).
+  """
+  block_size = _static_int("block_size", block_size, 1)
+  start = _static_int("start_preconditioning_step", start_preconditioning_step, 0)
+  period = _static_int("preconditioning_compute_steps", preconditioning_compute_steps, 1)
+  exponent_override = _static_int("exponent_override", exponent_override, 0)
+  skip_dim_gt = _static_int("skip_preconditioning_dim_size_gt",
+                            skip_preconditioning_dim_size_gt, 1)
+  check_positive("matrix_epsilon", matrix_epsilon)
+  check_positive("graft_epsilon", graft_epsilon)
+  _check_unit_interval("beta2", beta2, closed_right=True)
+  _check_unit_interval("graft_beta1", graft_beta1, closed_right=False)
+  _check_unit_interval("graft_beta2", graft_beta2, closed_right=False)
+  if graft_type not in GRAFT_TYPES:
+    raise ValueError(f"eva_optax: graft_type must be one of {GRAFT_TYPES}, got {graft_type!r}.")
+  if root_method not in ROOT_METHODS:
+    raise ValueError(f"eva_optax: root_method must be one of {ROOT_METHODS}, "
+                     f"got {root_method!r}.")
+
+  def plan_of(x):
+    return _plan(x.shape, block_size, skip_dim_gt, exponent_override)
+
+  def init_fn(params):
+    def stats_init(param):
+      plan = plan_of(param)
+      return tuple(jnp.broadcast_to(matrix_epsilon * jnp.eye(b, dtype=jnp.float32),
+                                    (_n_blocks(part), b, b))
+                   for part in plan.parts for b in part.block)
+
+    def roots_init(param):
+      plan = plan_of(param)
+      return tuple(jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), (_n_blocks(part), b, b))
+                   for part in plan.parts for b in part.block)
+
+    return ShampooState(
+        count=jnp.zeros((), jnp.int32),
+        stats=jax.tree.map(stats_init, params),
+        preconditioner=jax.tree.map(roots_init, params),
+        graft=jax.tree.map(lambda p: _graft_init(graft_type, p), params))
+
+  def accumulate(grad, plan, stats):
+    if plan.merged is None:
+      return stats
+    g = grad.reshape(plan.merged)
+    weight = jnp.where(beta2 == 1, 1.0, 1.0 - beta2)
+    new, index = [], 0
+    for part in plan.parts:
+      blocks = _blocks(g, part)
+      for mode in range(len(part.block)):
+        new.append((beta2 * stats[index] + weight * _mode_gram(blocks, mode)).astype(jnp.float32))
+        index += 1
+    return tuple(new)
+
+  def root(matrix, p):
+    if root_method == "newton":
+      return linalg.inverse_pth_root(matrix, p, ridge_epsilon=matrix_epsilon)
+    return linalg.inverse_pth_root_eigh(matrix, p, ridge_epsilon=matrix_epsilon)
+
+  def compute_roots(stats, roots, orders):
+    """New roots of every statistic: one vmapped root per (size, p) over all tensors."""
+    groups = {}
+    for i, (s, p) in enumerate(zip(stats, orders)):
+      groups.setdefault((s.shape[-1], p), []).append(i)
+    new = list(roots)
+    for (_, p), members in groups.items():
+      result = jax.vmap(lambda m, p=p: root(m, p))(jnp.concatenate([stats[i] for i in members]))
+      chosen = linalg.select_root(result, jnp.concatenate([roots[i] for i in members]))
+      stop = 0
+      for i in members:
+        start_row, stop = stop, stop + stats[i].shape[0]
+        new[i] = chosen[start_row:stop]
+    return new
+
+  def precondition(grad, plan, roots):
+    g = grad.reshape(plan.merged)
+    pieces, index = [], 0
+    for part in plan.parts:
+      blocks = _blocks(g, part)
+      for mode in range(len(part.block)):
+        blocks = _mode_product(blocks, roots[index], mode)
+        index += 1
+      pieces.append(_unblock(blocks, part))
+    return _assemble(pieces, plan.grid).reshape(grad.shape)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args  # gradient-only: curvature= and other extra arguments are ignored
+    count = state.count
+    originals, treedef = jax.tree.flatten(updates)
+    grads = [g.astype(jnp.float32) for g in originals]
+    plans = [plan_of(g) for g in grads]
+    stats = [accumulate(g, plan, s)
+             for g, plan, s in zip(grads, plans, treedef.flatten_up_to(state.stats))]
+    old_roots = treedef.flatten_up_to(state.preconditioner)
+    # Flat lists over every statistic of every tensor, and the root order of each.
+    flat_stats = [s for leaf in stats for s in leaf]
+    flat_roots = [r for leaf in old_roots for r in leaf]
+    orders = [plan.p for plan, leaf in zip(plans, stats) for _ in leaf]
+    refresh = (count >= start) & ((count - start) % period == 0)
+    flat_roots = jax.lax.cond(refresh, lambda s, r: compute_roots(s, r, orders),
+                              lambda s, r: list(r), flat_stats, flat_roots)
+    roots, position = [], 0
+    for leaf in stats:
+      roots.append(tuple(flat_roots[position:position + len(leaf)]))
+      position += len(leaf)
+    out, graft = [], []
+    for grad, plan, leaf_roots, graft_state, original in zip(
+        grads, plans, roots, treedef.flatten_up_to(state.graft), originals):
+      graft_step, graft_state = _graft_update(graft_type, grad, graft_state, count, graft_beta1,
+                                              graft_beta2, graft_epsilon)
+      graft.append(graft_state)
+      if plan.merged is None:
+        direction = graft_step
+      else:
+        shampoo_step = _rescale(precondition(grad, plan, leaf_roots), graft_step)
+        direction = jnp.where(count >= start, shampoo_step, graft_step)
+      out.append(direction.astype(original.dtype))
+    return treedef.unflatten(out), ShampooState(
+        count + 1, treedef.unflatten(stats), treedef.unflatten(roots), treedef.unflatten(graft))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    block_size: int = 128,
+    beta2: float = 1.0,
+    matrix_epsilon: float = 1e-6,
+    start_preconditioning_step: int = 1,
+    preconditioning_compute_steps: int = 1,
+    exponent_override: int = 0,
+    skip_preconditioning_dim_size_gt: int = 4096,
+    graft_type: str = "adagrad",
+    graft_beta1: float = 0.9,
+    graft_beta2: float = 0.999,
+    graft_epsilon: float = 1e-8,
+    root_method: str = "newton",
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  """The complete Shampoo optimizer: :func:`scale_by_shampoo` →
+  ``optax.add_decayed_weights(weight_decay)`` → ``optax.trace(momentum, nesterov)`` →
+  ``−learning_rate``.
+
+  Args:
+    learning_rate: η, float or optax schedule.
+    momentum: heavy-ball coefficient of ``optax.trace`` (default 0.9).
+    nesterov: Nesterov momentum (default True, as the reference).
+    weight_decay: L2 coefficient added to the grafted direction.
+    block_size, beta2, matrix_epsilon, start_preconditioning_step,
+    preconditioning_compute_steps, exponent_override, skip_preconditioning_dim_size_gt,
+    graft_type, graft_beta1, graft_beta2, graft_epsilon, root_method: as in
+      :func:`scale_by_shampoo`.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params)`` (extra
+    arguments such as ``curvature=`` are ignored). With ``optax.inject_hyperparams`` pass
+    ``static_args=eva_optax.SHAMPOO_STATIC_ARGS`` (the structural ints cannot be traced).
+
+  Raises:
+    ValueError: as :func:`scale_by_shampoo`.
+  """
+  return optax.chain(
+      scale_by_shampoo(
+          block_size, beta2=beta2, matrix_epsilon=matrix_epsilon,
+          start_preconditioning_step=start_preconditioning_step,
+          preconditioning_compute_steps=preconditioning_compute_steps,
+          exponent_override=exponent_override,
+          skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
+          graft_type=graft_type, graft_beta1=graft_beta1, graft_beta2=graft_beta2,
+          graft_epsilon=graft_epsilon, root_method=root_method),
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
