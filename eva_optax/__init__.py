@@ -7,6 +7,10 @@ from eva_optax.eva import EvaLayerTerms, eva, eva_diagnostics, eva_layer, scale_
 from eva_optax.eva_f import eva_f, eva_f_layer, scale_by_eva_f
 from eva_optax.eva_s import EvaSState, eva_s, eva_s_direction, scale_by_eva_s
 from eva_optax.foof import foof, scale_by_foof
+from eva_optax import bfgs
+from eva_optax.collectors import OutputVectors
+from eva_optax.kbfgs import (KBFGS_STATISTICS, KBFGSFactors, KBFGSStatistics, ScaleByKBFGSState,
+                             kbfgs, kbfgs_l, scale_by_kbfgs)
 from eva_optax.kfac import KFACInverses, kfac, scale_by_kfac
 from eva_optax.shampoo import (SHAMPOO_STATIC_ARGS, ShampooState, merge_small_dims,
                                scale_by_shampoo, shampoo)
@@ -16,6 +20,8 @@ from eva_optax.transform import (Preconditioner, ScaleByKroneckerState, kl_clip,
 __version__ = "0.1.0"
 
 __all__ = [
+    "KBFGS_STATISTICS", "KBFGSFactors", "KBFGSStatistics", "OutputVectors", "ScaleByKBFGSState",
+    "bfgs", "kbfgs", "kbfgs_l", "scale_by_kbfgs",
     "ActivationFactor", "ActivationVector", "EvaLayerTerms", "KFACInverses", "KroneckerFactors",
     "eva_f", "eva_f_layer", "foof", "kfac", "scale_by_eva_f", "scale_by_foof", "scale_by_kfac",
     "Collector", "KroneckerVectors", "Preconditioner", "ScaleByKroneckerState", "eva",

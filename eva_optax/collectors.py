@@ -74,12 +74,33 @@ class ActivationVector(NamedTuple):
   a: jax.Array
 
 
+class OutputVectors(NamedTuple):
+  """K-BFGS's per-layer output-side statistics (DESIGN §4), float32, in per-example units.
+
+  Rows are the (example, sequence position, conv output position) triples of the layer's matrix
+  multiply, as in :class:`KroneckerVectors`; B examples.
+
+  Attributes:
+    y: ``(d_out,)`` ȳ, the mean over rows of the layer output (the pre-activation, bias
+      included).
+    g: ``(d_out,)`` ḡ = B · mean(∂L/∂y) over the same rows, exactly the ``g`` of
+      :class:`KroneckerVectors`. For a Dense layer on ``[B, d_in]`` inputs this is the mean of
+      the per-example output gradients ∂ℓ_i/∂y_i, which is what the K-BFGS paper's code uses
+      (it multiplies the mean loss's output gradient by the batch size), so its damping λ keeps
+      its meaning here.
+  """
+
+  y: jax.Array
+  g: jax.Array
+
+
 # The `statistics` names of eva_optax.flax.value_and_grad and the records they produce.
 RECORDS: dict[str, type] = {
     "kronecker_vectors": KroneckerVectors,
     "kronecker_factors": KroneckerFactors,
     "activation_factor": ActivationFactor,
     "activation_vector": ActivationVector,
+    "output_vectors": OutputVectors,
 }
 
 

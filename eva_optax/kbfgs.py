@@ -1,0 +1,388 @@
+"""K-BFGS and K-BFGS(L): Kronecker-factored quasi-Newton methods.
+
+Goldfarb, Ren, Bahamou, "Practical Quasi-Newton Methods for Training Deep Neural Networks",
+NeurIPS 2020 (its Algorithm for K-BFGS / K-BFGS(L) and its double damping). Math: DESIGN §4.
+
+Per layer the inverse Hessian block is approximated by a Kronecker product H^a ⊗ H^g, and the
+step (Flax layout, Ĝ = [∇K; ∇b] ``[d_in (+1), d_out]``) is
+
+    p = −H^a Ĝ H^g.
+
+* **Activation side.** A ← β A + (1 − β) mean(a aᵀ) (bias-augmented; the first step takes the
+  first batch's A), and H^a tracks (A + √λ I)⁻¹ by *Hessian-action* BFGS: the pair
+  s_a = H^a ā, y_a = (A + √λ I) s_a updates H^a every step; the only explicit inverse is the
+  one at the first step.
+* **Output side.** H^g approximates the inverse Hessian of the loss with respect to the layer's
+  pre-activation, by BFGS (K-BFGS, a dense ``[d_out, d_out]`` matrix) or L-BFGS with ``m``
+  pairs (K-BFGS(L)), from the pair of a *second pass* on the same batch at the trial point
+  W + αp (the next iterate): s = ȳ − ȳ⁺, y = ḡ − ḡ⁺ (ȳ the mean pre-activation, ḡ the mean
+  per-example output gradient), averaged s ← β s + (1 − β) s_new (from zero, as the paper), then
+  double damping (Powell μ₁ = 0.2 in the H form, then Levenberg–Marquardt μ₂ = √λ) and skipped
+  when sᵀy is not safely positive (sᵀy ≤ 10⁻⁴·sᵀs·‖ḡ‖) or not finite.
+* **Gradient.** Ĝ is the L2-regularized gradient (τ = 10⁻⁵) averaged with momentum
+  m ← 0.9 m + 0.1 Ĝ (from zero, no bias correction), as the paper.
+
+Units: the statistics are per-example means (ḡ = B·mean ∂L/∂y for a loss that is a mean over B
+examples); the paper's code scales its output gradients by the batch size in exactly the same
+way, so its defaults (lr 0.3, λ 0.3 on the MNIST autoencoder at batch 1000) mean the same here.
+
+Deviations from the paper's public code, all minor: A starts from the first batch's A instead of
+an average over one pass of the training set before training; the bias entry of ā in the
+Hessian-action pair is 1 (the mean of the constant bias input) where that code uses the mean of
+ā; layers without a bias and convolutions (im2col rows, KFC-style) are supported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax import bfgs, collectors, layers, transform
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# What eva_optax.flax.value_and_grad must capture for K-BFGS (first pass), and for the second.
+KBFGS_STATISTICS = ("activation_factor", "activation_vector", "output_vectors")
+SECOND_PASS_STATISTICS = "output_vectors"
+
+
+class KBFGSStatistics(NamedTuple):
+  """Running statistics of one layer (float32).
+
+  Attributes:
+    a: ``[d, d]`` A, running average of mean(a aᵀ), d = d_in (+1 with a bias).
+    s: ``(d_out,)`` running average of the pre-activation change s = ȳ − ȳ⁺.
+    y: ``(d_out,)`` running average of the output-gradient change y = ḡ − ḡ⁺.
+  """
+
+  a: jax.Array
+  s: jax.Array
+  y: jax.Array
+
+
+class KBFGSFactors(NamedTuple):
+  """The two inverse factors of one layer.
+
+  Attributes:
+    h_a: ``[d, d]`` float32, H^a ≈ (A + √λ I)⁻¹.
+    h_g: ``[d_out, d_out]`` float32 H^g (K-BFGS), or a :class:`~eva_optax.bfgs.LBFGSMemory` of
+      ``memory_size`` pairs of length d_out (K-BFGS(L)).
+    accepted: int32 scalar, number of pairs that updated H^g so far (the rest were skipped).
+  """
+
+  h_a: jax.Array
+  h_g: Any
+  accepted: jax.Array
+
+
+class ScaleByKBFGSState(NamedTuple):
+  """State of :func:`scale_by_kbfgs`.
+
+  Attributes:
+    count: int32 scalar, number of updates so far.
+    stats: ``{layer name: KBFGSStatistics}`` for every kernel-bearing layer.
+    preconditioner: ``{layer name: KBFGSFactors}``.
+  """
+
+  count: jax.Array
+  stats: dict
+  preconditioner: dict
+
+
+def _concrete(value) -> Optional[float]:
+  """``value`` as a float, or None when traced (``inject_hyperparams`` under ``jit``)."""
+  return None if isinstance(value, jax.core.Tracer) else float(jnp.asarray(value))
+
+
+def _check(damping, powell_damping, stat_decay, pair_decay, memory_size) -> None:
+  transform.check_positive("damping", damping)
+  transform.check_positive("powell_damping", powell_damping)
+  if (_concrete(damping) or 0.0) >= 1.0:
+    raise ValueError(f"eva_optax: K-BFGS needs damping λ < 1 (the Levenberg–Marquardt step "
+                     f"mixes y with s by θ ∈ [0, 1) only when √λ < 1), got {damping!r}.")
+  if (_concrete(powell_damping) or 0.0) >= 1.0:
+    raise ValueError(f"eva_optax: powell_damping μ₁ must be in (0, 1), got {powell_damping!r}.")
+  for name, value in (("stat_decay", stat_decay), ("pair_decay", pair_decay)):
+    number = _concrete(value)
+    if number is not None and not 0.0 <= number < 1.0:
+      raise ValueError(f"eva_optax: {name} must be in [0, 1), got {value!r}.")
+  size = None if memory_size is None else _concrete(memory_size)
+  if size is not None and (size != int(size) or size < 1):
+    raise ValueError(f"eva_optax: memory_size must be a positive int or None, got "
+                     f"{memory_size!r}.")
+
+
+def _flat_records(curvature, name: str, grads: Mapping, stats: Mapping) -> dict:
+  """``{layer: record}`` of statistics ``name`` from a capture's output, validated."""
+  kind = collectors.RECORDS[name]
+  if isinstance(curvature, Mapping) and curvature and set(curvature) <= set(collectors.RECORDS):
+    if name not in curvature:
+      raise ValueError(f"eva_optax: curvature holds {sorted(curvature)} but K-BFGS needs "
+                       f"'{name}': capture statistics={KBFGS_STATISTICS} (first pass) and "
+                       f"'{SECOND_PASS_STATISTICS}' (curvature_fn).")
+    curvature = curvature[name]
+  flat = collectors.flatten_curvature(curvature)
+  for layer, record in flat.items():
+    if layer not in grads or layer not in stats:
+      raise ValueError(
+          f"eva_optax: curvature has layer '{layer}' but the parameters have no "
+          f"'{layer}/kernel'. Pass the params collection itself (variables['params']); layers "
+          f"with kernels: {sorted(grads)}.")
+    if not isinstance(record, kind):
+      raise TypeError(f"eva_optax: curvature['{layer}'] is a {type(record).__name__}, K-BFGS "
+                      f"needs {kind.__name__} here (statistics '{name}').")
+  return flat
+
+
+def _check_shapes(layer: str, record, expected: Mapping[str, tuple]) -> None:
+  for field, shape in expected.items():
+    got = jnp.shape(getattr(record, field))
+    if got != shape:
+      raise ValueError(f"eva_optax: curvature['{layer}'].{field} has shape {got}, the layer "
+                       f"needs {shape}.")
+
+
+def _cholesky_inverse(matrix: jax.Array) -> jax.Array:
+  """The inverse of a symmetric positive definite float32 matrix (Cholesky)."""
+  factor = jax.scipy.linalg.cho_factor(0.5 * (matrix + matrix.T), lower=True)
+  return jax.scipy.linalg.cho_solve(factor, jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+
+
+def _all_finite(*arrays) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+
+
+def _bfgs_or_keep(h, s, y, accept):
+  """``h`` updated with the pair when ``accept`` and the result is finite, else ``h``."""
+  new = bfgs.bfgs_inverse_update(h, s, jnp.where(accept, y, s))  # y = s keeps ρ finite
+  return jnp.where(accept & jnp.all(jnp.isfinite(new)), new, h)
+
+
+def scale_by_kbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 0.3,
+    *,
+    memory_size: Optional[int] = None,
+    stat_decay: float = 0.9,
+    pair_decay: float = 0.9,
+    powell_damping: float = 0.2,
+    initial_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """K-BFGS's preconditioned direction H^a Ĝ H^g per layer (the negative step before −lr).
+
+  Args:
+    learning_rate: α, float or optax schedule (evaluated at this transform's step count): the
+      second pass runs at the trial point ``params − α · (this transform's output)``, i.e. the
+      next iterate when only ``−α`` follows in the chain (as in :func:`kbfgs`).
+    damping: λ ∈ (0, 1): √λ is added to A (H^a ≈ (A + √λ I)⁻¹) and is the Levenberg–Marquardt
+      μ₂ of the double damping. Paper: 0.3.
+    memory_size: ``None`` for dense BFGS on H^g (K-BFGS); an int m for L-BFGS with the last m
+      accepted pairs (K-BFGS(L), paper: 100).
+    stat_decay: β of the running average of A (weight of the *old* value; paper 0.9).
+    pair_decay: decay of the running averages of the pair (s, y) (paper 0.9), from zero.
+    powell_damping: μ₁ of Powell's damping (paper 0.2).
+    initial_scale: H^g starts as ``initial_scale · I`` (and is L-BFGS's fixed initial matrix);
+      paper 1.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
+    curvature, curvature_fn)`` needs ``params``, the step's statistics ``curvature`` captured
+    with ``eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS)`` and
+    ``curvature_fn = eva_optax.flax.curvature_fn(loss_fn, *batch)`` (trial parameters →
+    ``"output_vectors"`` statistics on the same batch). Parameters of layers absent from
+    ``curvature`` pass through unchanged (but still move to the trial point). Directions are
+    float32, returned in each parameter's dtype; the state is float32 (and int32 counters).
+
+  Raises:
+    ValueError: λ ∉ (0, 1), μ₁ ∉ (0, 1), a decay ∉ [0, 1), a bad ``memory_size``; at update time
+      (trace time under jit) missing ``params``, ``curvature`` or ``curvature_fn``, or
+      statistics of the wrong kind or shape.
+  """
+  _check(damping, powell_damping, stat_decay, pair_decay, memory_size)
+  limited = memory_size is not None
+  # optax.inject_hyperparams passes every numeric argument as an array (a tracer under jit);
+  # the memory size is a shape, needed concretely by init only.
+  size = None if not limited else _concrete(memory_size)
+
+  def init_fn(params):
+    stats, factors = {}, {}
+    for name, layer in layers.find_layers(params).items():
+      d, d_out = layers.matrix_shape(layer)
+      zeros = jnp.zeros((d_out,), jnp.float32)
+      stats[name] = KBFGSStatistics(jnp.zeros((d, d), jnp.float32), zeros, zeros)
+      if limited and size is None:
+        raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
+                         "static_args=('memory_size',).")
+      h_g = (bfgs.lbfgs_init(d_out, int(size)) if limited
+             else initial_scale * jnp.eye(d_out, dtype=jnp.float32))
+      factors[name] = KBFGSFactors(jnp.eye(d, dtype=jnp.float32), h_g,
+                                   jnp.zeros((), jnp.int32))
+    return ScaleByKBFGSState(jnp.zeros((), jnp.int32), stats, factors)
+
+  def h_g_product(h_g, v):
+    if limited:
+      return bfgs.lbfgs_product(h_g, v, initial_scale)
+    return jnp.matmul(h_g, v, precision=_HIGHEST)
+
+  def update_fn(updates, state, params=None, *, curvature=None, curvature_fn=None,
+                **extra_args):
+    del extra_args
+    if params is None or curvature is None or curvature_fn is None:
+      raise ValueError(
+          "eva_optax: K-BFGS's update needs params, curvature and curvature_fn: "
+          "tx.update(grads, state, params, curvature=curvature, "
+          "curvature_fn=eva_optax.flax.curvature_fn(loss_fn, *batch)), with curvature from "
+          "eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS).")
+    grads = layers.find_layers(updates)
+    count = state.count
+    first = {name: _flat_records(curvature, name, grads, state.stats)
+             for name in KBFGS_STATISTICS}
+    captured = sorted(first["activation_factor"])
+    for other in KBFGS_STATISTICS[1:]:
+      if sorted(first[other]) != captured:
+        raise ValueError(f"eva_optax: the captured statistics cover different layers: "
+                         f"{captured} vs {sorted(first[other])} ('{other}').")
+    sqrt_lambda = jnp.sqrt(jnp.asarray(damping, jnp.float32))
+    stats, factors = dict(state.stats), dict(state.preconditioner)
+    directions, lm_a, a_bar = {}, {}, {}
+    for name in captured:
+      old, fac = state.stats[name], state.preconditioner[name]
+      d, d_out = layers.matrix_shape(grads[name])
+      d_in = d - ("bias" in grads[name])
+      _check_shapes(name, first["activation_factor"][name], {"a": (d, d)})
+      _check_shapes(name, first["activation_vector"][name], {"a": (d_in,)})
+      _check_shapes(name, first["output_vectors"][name], {"y": (d_out,), "g": (d_out,)})
+      new_a = jnp.asarray(first["activation_factor"][name].a, jnp.float32)
+      averaged = jnp.where(count == 0, new_a,
+                           stat_decay * old.a + (1.0 - stat_decay) * new_a)
+      a = jnp.where(jnp.all(jnp.isfinite(new_a)), averaged, old.a)
+      lm_a[name] = a + sqrt_lambda * jnp.eye(d, dtype=jnp.float32)
+      h_a = jax.lax.cond(count == 0, _cholesky_inverse, lambda _: fac.h_a, lm_a[name])
+      h_a = jnp.where(jnp.all(jnp.isfinite(h_a)), h_a, fac.h_a)
+      stats[name] = old._replace(a=a)
+      factors[name] = fac._replace(h_a=h_a)
+      mean_in = jnp.asarray(first["activation_vector"][name].a, jnp.float32)
+      a_bar[name] = jnp.append(mean_in, 1.0) if "bias" in grads[name] else mean_in
+      left = jnp.matmul(h_a, layers.to_matrix(grads[name]), precision=_HIGHEST)
+      directions[name] = h_g_product(fac.h_g, left.T).T
+
+    new_leaves = {}
+    for name, direction in directions.items():
+      for leaf, value in layers.from_matrix(direction, grads[name]).items():
+        new_leaves[layers.layer_name(tuple(filter(None, (name, leaf))))] = value
+
+    def replace(path, leaf):
+      return new_leaves.get(layers.layer_name(layers.key_path_names(path)), leaf)
+
+    updates = jax.tree_util.tree_map_with_path(replace, updates)
+
+    # Second pass on the same batch at the trial point W + αp.
+    lr = learning_rate(count) if callable(learning_rate) else learning_rate
+    trial = jax.tree.map(lambda p, u: (p - jnp.asarray(lr, jnp.float32) * u).astype(p.dtype),
+                         params, updates)
+    second = _flat_records(curvature_fn(trial), SECOND_PASS_STATISTICS, grads, state.stats)
+    if sorted(second) != captured:
+      raise ValueError(f"eva_optax: curvature_fn's statistics cover layers {sorted(second)}, "
+                       f"the first pass {captured}.")
+
+    for name in captured:
+      now, then = first["output_vectors"][name], second[name]
+      _check_shapes(name, then, {"y": now.y.shape, "g": now.g.shape})
+      fac = factors[name]
+      # H^g: averaged, doubly damped pair from the second pass.
+      s_new = jnp.asarray(now.y, jnp.float32) - jnp.asarray(then.y, jnp.float32)
+      y_new = jnp.asarray(now.g, jnp.float32) - jnp.asarray(then.g, jnp.float32)
+      finite = _all_finite(s_new, y_new)
+      old = stats[name]
+      s = jnp.where(finite, pair_decay * old.s + (1.0 - pair_decay) * s_new, old.s)
+      y = jnp.where(finite, pair_decay * old.y + (1.0 - pair_decay) * y_new, old.y)
+      stats[name] = old._replace(s=s, y=y)
+      s_d, y_d = bfgs.double_damping(s, y, lambda v, h=fac.h_g: h_g_product(h, v),
+                                     powell_damping, sqrt_lambda)
+      g_norm = jnp.linalg.norm(jnp.asarray(now.g, jnp.float32))
+      accept = finite & bfgs.safely_positive(s_d, y_d, g_norm)
+      if limited:
+        h_g = bfgs.lbfgs_push(fac.h_g, s_d, y_d, accept)
+      else:
+        h_g = _bfgs_or_keep(fac.h_g, s_d, y_d, accept)
+      # H^a: Hessian-action BFGS towards (A + √λ I)⁻¹.
+      s_a = jnp.matmul(fac.h_a, a_bar[name], precision=_HIGHEST)
+      y_a = jnp.matmul(lm_a[name], s_a, precision=_HIGHEST)
+      accept_a = bfgs.safely_positive(s_a, y_a, jnp.linalg.norm(a_bar[name]))
+      h_a = _bfgs_or_keep(fac.h_a, s_a, y_a, accept_a)
+      factors[name] = KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32))
+
+    updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
+    return updates, ScaleByKBFGSState(optax.safe_increment(count), stats, factors)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,
+                 pair_decay, powell_damping, initial_scale):
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.ema(momentum, debias=False),
+      scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, stat_decay=stat_decay,
+                     pair_decay=pair_decay, powell_damping=powell_damping,
+                     initial_scale=initial_scale),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def kbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: float = 0.3,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-5,
+    stat_decay: float = 0.9,
+    pair_decay: float = 0.9,
+    powell_damping: float = 0.2,
+    initial_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """The complete K-BFGS optimizer (dense BFGS on H^g), in the paper's order:
+  ``optax.add_decayed_weights(weight_decay)`` (L2 on the gradient) →
+  ``optax.ema(momentum, debias=False)`` (m ← μ m + (1 − μ) g) → :func:`scale_by_kbfgs` →
+  ``−learning_rate``.
+
+  Args:
+    learning_rate: α, float or optax schedule (paper: 0.3 on the MNIST autoencoder).
+    damping: λ ∈ (0, 1) (paper 0.3).
+    momentum: μ of the gradient's running average (paper 0.9).
+    weight_decay: τ of the L2 term τ·W added to the gradient, biases included (paper 1e-5).
+    stat_decay, pair_decay, powell_damping, initial_scale: as in :func:`scale_by_kbfgs`.
+
+  Returns:
+    ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
+    curvature=curvature, curvature_fn=curvature_fn)`` (see :func:`eva_optax.flax.curvature_fn`
+    for a training step). State: per layer O(d_in² + d_out²) floats. Works in ``optax.chain``
+    and ``optax.inject_hyperparams``.
+  """
+  return _kbfgs_chain(learning_rate, damping, None, momentum, weight_decay, stat_decay,
+                      pair_decay, powell_damping, initial_scale)
+
+
+def kbfgs_l(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: float = 0.3,
+    memory_size: int = 100,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-5,
+    stat_decay: float = 0.9,
+    pair_decay: float = 0.9,
+    powell_damping: float = 0.2,
+    initial_scale: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+  """The complete K-BFGS(L) optimizer: :func:`kbfgs` with L-BFGS on H^g (the last
+  ``memory_size`` accepted pairs, compact representation, fixed initial matrix
+  ``initial_scale · I``). State per layer: O(d_in² + 2·m·d_out) floats.
+
+  Args: as in :func:`kbfgs`, plus ``memory_size`` m (paper 100).
+  """
+  return _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,
+                      pair_decay, powell_damping, initial_scale)
