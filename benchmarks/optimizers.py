@@ -66,12 +66,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                            _per_task(0.3, 0.1, 0.1, 0.1)),
     "kbfgs_l": OptimizerSpec(eva_optax.kbfgs_l, eva_optax.KBFGS_STATISTICS,
                              _per_task(0.3, 0.1, 0.1, 0.1)),
-    # The paper's lr 0.3 on the autoencoder (λ 0.3 is the default); the classifier lrs are
-    # K-FAC's, not tuned for K-BFGS. The second pass gets `curvature_fn` from train.make_step.
-    "kbfgs": OptimizerSpec(eva_optax.kbfgs, eva_optax.KBFGS_STATISTICS,
-                           _per_task(0.3, 0.3, 0.1, 0.1)),
-    "kbfgs_l": OptimizerSpec(eva_optax.kbfgs_l, eva_optax.KBFGS_STATISTICS,
-                             _per_task(0.3, 0.3, 0.1, 0.1)),
 }
 
 
