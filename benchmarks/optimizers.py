@@ -66,6 +66,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                            _per_task(0.3, 0.1, 0.1, 0.1)),
     "kbfgs_l": OptimizerSpec(eva_optax.kbfgs_l, eva_optax.KBFGS_STATISTICS,
                              _per_task(0.3, 0.1, 0.1, 0.1)),
+    # Gradient-only (statistics None); lrs: best of the grids in benchmarks/RESULTS.md (issue 4;
+    # mnist_cnn: 20k-example subset). Shampoo's roots every 10 steps: on 2 CPU cores a refresh of
+    # the autoencoder's ~400 blocks costs seconds.
+    "shampoo": OptimizerSpec(eva_optax.shampoo, None, _per_task(0.03, 0.003, 0.003, 0.003),
+                             {"preconditioning_compute_steps": 10}),
+    "eva_s": OptimizerSpec(eva_optax.eva_s, None, _per_task(0.5, 0.003, 0.2, 0.1)),
 }
 
 
