@@ -120,6 +120,11 @@ class Collector(NamedTuple):
   with_bias: Callable[[NamedTuple], NamedTuple]
 
 
+def all_finite(tree) -> jax.Array:
+  """Boolean scalar: every entry of every array leaf of ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def running_average(old, new, count: jax.Array, stat_decay: float):
   """The reference's convention: ``m = new`` on the first step (count 0), then
   ``m ← stat_decay · new + (1 − stat_decay) · m`` — ``stat_decay`` weights the *new* value.
@@ -129,7 +134,7 @@ def running_average(old, new, count: jax.Array, stat_decay: float):
   ``optax.apply_if_finite`` can skip).
   """
   first = count == 0
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(n)) for n in jax.tree.leaves(new)]))
+  finite = all_finite(new)
   return jax.tree.map(
       lambda o, n: jnp.where(finite, jnp.where(first, n, stat_decay * n + (1.0 - stat_decay) * o),
                              o), old, new)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import shampoo
+from eva_optax import transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -101,7 +101,7 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
   Raises:
     ValueError: ``damping <= 0`` or ``beta2`` outside [0, 1].
   """
-  shampoo.check_positive("damping", damping)
+  transform.check_positive("damping", damping)
   if not (isinstance(beta2, jax.core.Tracer) or 0 <= float(beta2) <= 1):
     raise ValueError(f"eva_optax: beta2 must lie in [0, 1], got {beta2!r}.")
 

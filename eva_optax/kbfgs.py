@@ -92,24 +92,19 @@ class ScaleByKBFGSState(NamedTuple):
   preconditioner: dict
 
 
-def _concrete(value) -> Optional[float]:
-  """``value`` as a float, or None when traced (``inject_hyperparams`` under ``jit``)."""
-  return None if isinstance(value, jax.core.Tracer) else float(jnp.asarray(value))
-
-
 def _check(damping, powell_damping, stat_decay, pair_decay, memory_size) -> None:
   transform.check_positive("damping", damping)
   transform.check_positive("powell_damping", powell_damping)
-  if (_concrete(damping) or 0.0) >= 1.0:
+  if (transform.concrete(damping) or 0.0) >= 1.0:
     raise ValueError(f"eva_optax: K-BFGS needs damping λ < 1 (the Levenberg–Marquardt step "
                      f"mixes y with s by θ ∈ [0, 1) only when √λ < 1), got {damping!r}.")
-  if (_concrete(powell_damping) or 0.0) >= 1.0:
+  if (transform.concrete(powell_damping) or 0.0) >= 1.0:
     raise ValueError(f"eva_optax: powell_damping μ₁ must be in (0, 1), got {powell_damping!r}.")
   for name, value in (("stat_decay", stat_decay), ("pair_decay", pair_decay)):
-    number = _concrete(value)
+    number = transform.concrete(value)
     if number is not None and not 0.0 <= number < 1.0:
       raise ValueError(f"eva_optax: {name} must be in [0, 1), got {value!r}.")
-  size = None if memory_size is None else _concrete(memory_size)
+  size = None if memory_size is None else transform.concrete(memory_size)
   if size is not None and (size != int(size) or size < 1):
     raise ValueError(f"eva_optax: memory_size must be a positive int or None, got "
                      f"{memory_size!r}.")
@@ -149,10 +144,6 @@ def _cholesky_inverse(matrix: jax.Array) -> jax.Array:
   """The inverse of a symmetric positive definite float32 matrix (Cholesky)."""
   factor = jax.scipy.linalg.cho_factor(0.5 * (matrix + matrix.T), lower=True)
   return jax.scipy.linalg.cho_solve(factor, jnp.eye(matrix.shape[0], dtype=matrix.dtype))
-
-
-def _all_finite(*arrays) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
 
 
 def _bfgs_or_keep(h, s, y, accept):
@@ -205,7 +196,7 @@ def scale_by_kbfgs(
   limited = memory_size is not None
   # optax.inject_hyperparams passes every numeric argument as an array (a tracer under jit);
   # the memory size is a shape, needed concretely by init only.
-  size = None if not limited else _concrete(memory_size)
+  size = None if not limited else transform.concrete(memory_size)
 
   def init_fn(params):
     stats, factors = {}, {}
@@ -295,7 +286,7 @@ def scale_by_kbfgs(
       # H^g: averaged, doubly damped pair from the second pass.
       s_new = jnp.asarray(now.y, jnp.float32) - jnp.asarray(then.y, jnp.float32)
       y_new = jnp.asarray(now.g, jnp.float32) - jnp.asarray(then.g, jnp.float32)
-      finite = _all_finite(s_new, y_new)
+      finite = collectors.all_finite((s_new, y_new))
       old = stats[name]
       s = jnp.where(finite, pair_decay * old.s + (1.0 - pair_decay) * s_new, old.s)
       y = jnp.where(finite, pair_decay * old.y + (1.0 - pair_decay) * y_new, old.y)

@@ -76,7 +76,7 @@ def refresh_every(period, count: jax.Array, compute, state):
   non-finite entry keeps ``state`` (the last good inverses)."""
   def refresh(state):
     new = compute()
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)]))
+    finite = collectors.all_finite(new)
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   return jax.lax.cond(count % period == 0, refresh, lambda state: state, state)
 

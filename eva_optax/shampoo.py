@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import linalg
+from eva_optax import linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 GRAFT_TYPES = ("sgd", "adagrad", "rmsprop", "adam")
@@ -178,22 +178,10 @@ def _static_int(name: str, value, minimum: int) -> int:
   return value
 
 
-def check_positive(name: str, value) -> None:
-  """``ValueError`` unless a concrete hyperparameter is > 0; traced values and schedules pass.
-
-  (Like ``transform.check_positive`` but without ``jnp.asarray``, which returns a tracer when
-  called while another function is being traced, e.g. in ``inject_hyperparams``' update.)
-  """
-  if isinstance(value, jax.core.Tracer) or callable(value):
-    return
-  if not float(value) > 0:
-    raise ValueError(f"eva_optax: {name} must be > 0, got {value!r}.")
-
-
 def _check_unit_interval(name: str, value, *, closed_right: bool) -> None:
-  if isinstance(value, jax.core.Tracer) or callable(value):
+  v = transform.concrete(value)
+  if v is None:
     return
-  v = float(value)
   if not (0 <= v <= 1 if closed_right else 0 <= v < 1):
     interval = "[0, 1]" if closed_right else "[0, 1)"
     raise ValueError(f"eva_optax: {name} must lie in {interval}, got {value!r}.")
@@ -298,8 +286,8 @@ def scale_by_shampoo(
   exponent_override = _static_int("exponent_override", exponent_override, 0)
   skip_dim_gt = _static_int("skip_preconditioning_dim_size_gt",
                             skip_preconditioning_dim_size_gt, 1)
-  check_positive("matrix_epsilon", matrix_epsilon)
-  check_positive("graft_epsilon", graft_epsilon)
+  transform.check_positive("matrix_epsilon", matrix_epsilon)
+  transform.check_positive("graft_epsilon", graft_epsilon)
   _check_unit_interval("beta2", beta2, closed_right=True)
   _check_unit_interval("graft_beta1", graft_beta1, closed_right=False)
   _check_unit_interval("graft_beta2", graft_beta2, closed_right=False)

@@ -48,14 +48,22 @@ class ScaleByKroneckerState(NamedTuple):
   preconditioner: dict
 
 
+def concrete(value) -> Optional[float]:
+  """A hyperparameter as a float, or None when it is traced (``inject_hyperparams`` under
+  ``jit``) or a schedule. No ``jnp.asarray``: inside another trace it would return a tracer."""
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return None
+  return float(value)
+
+
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
   """Raises ``ValueError`` when a concrete hyperparameter is not > 0 (≥ 0 with ``allow_zero``).
 
   Traced values (``inject_hyperparams`` under ``jit``) and schedules are not checked.
   """
-  if isinstance(value, jax.core.Tracer) or callable(value):
+  number = concrete(value)
+  if number is None:
     return
-  number = float(jnp.asarray(value))
   if not (number >= 0 if allow_zero else number > 0):
     raise ValueError(f"eva_optax: {name} must be {'>=' if allow_zero else '>'} 0, "
                      f"got {value!r}.")
