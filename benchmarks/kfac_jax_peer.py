@@ -6,6 +6,16 @@ inverse period and curvature running average (our ``stat_decay`` weighs the new 
 same KL clip (its ``norm_constraint``), constant momentum, no adaptive learning rate or momentum,
 no burn-in steps.
 
+Units: kfac-jax's ``"fisher_empirical"`` mode divides its output-gradient factor by the batch
+size B once more than ours (documented in its ``BlockDiagonalCurvature``): its G is our
+per-example G / B. Its direction is then B × ours at damping B·γ_kfac_jax, so our
+``(learning_rate, damping, kl_clip)`` are passed to it as ``(η/B, γ/B, κ/B)``. With these the
+first step of both is the same update (``tests/test_benchmarks.py``). The running averages still
+differ after the first step: kfac-jax's is bias-corrected (weights ∝ (1 − ξ)^age over the steps
+seen so far), ours starts from the first value (DESIGN §5); and under a learning-rate schedule
+the momentum forms differ: kfac-jax's velocity accumulates η_t-scaled steps, optax's
+``trace`` accumulates directions and scales the sum by the current η_t.
+
 Compatibility: kfac-jax 0.0.8 fails on JAX ≥ 0.10 at its first step, because its graph matcher
 unpacks ``Primitive.get_bind_params`` into ``(subfuns, params)`` while JAX now returns only the
 params. :func:`_patch_graph_matcher` replaces that one evaluation helper in-process; nothing of
@@ -56,13 +66,15 @@ def _patch_graph_matcher() -> None:
 class KfacJaxPeer:
   """A kfac-jax optimizer behind the benchmark's ``make_step`` / ``init`` interface.
 
-  ``make_step(task)`` must be called before ``init(params, x, y)`` (it builds the optimizer
-  around the task's loss, which kfac-jax needs registered on the model output).
+  ``make_step(task)`` registers the task's loss on the model output (kfac-jax needs it) and must
+  be called before ``init(params, x, y)``, which builds the optimizer for the batch size of ``x``
+  (the unit conversion above depends on it).
   """
 
   def __init__(self, learning_rate, kwargs: dict):
     self.learning_rate = learning_rate
     self.kwargs = kwargs
+    self.loss_fn = None
     self.optimizer = None
 
   def make_step(self, task: models.Task):
@@ -77,24 +89,7 @@ class KfacJaxPeer:
       register(output, y)
       return task.loss(output, y)
 
-    kw = self.kwargs
-    lr = self.learning_rate
-    self.optimizer = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(loss_fn),
-        l2_reg=kw["weight_decay"],
-        use_adaptive_learning_rate=False,
-        learning_rate_schedule=lr if callable(lr) else (lambda step: lr),
-        use_adaptive_momentum=False,
-        momentum_schedule=lambda step: kw["momentum"],
-        use_adaptive_damping=False,
-        damping_schedule=lambda step: kw["damping"],
-        norm_constraint=kw["kl_clip"] if kw["scaling"] == "kl_clip" else None,
-        estimation_mode="fisher_empirical",
-        curvature_ema=1.0 - kw["stat_decay"],
-        inverse_update_period=kw["inverse_update_period"],
-        num_burnin_steps=0,
-        multi_device=False,
-    )
+    self.loss_fn = loss_fn
     rng = jax.random.key(0)
 
     def step(params, state, x, y):
@@ -104,6 +99,24 @@ class KfacJaxPeer:
     return step
 
   def init(self, params, x, y):
+    kfac_jax = _import()
+    kw, lr, size = self.kwargs, self.learning_rate, len(x)
+    self.optimizer = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(self.loss_fn),
+        l2_reg=kw["weight_decay"],
+        use_adaptive_learning_rate=False,
+        learning_rate_schedule=lambda step: (lr(step) if callable(lr) else lr) / size,
+        use_adaptive_momentum=False,
+        momentum_schedule=lambda step: kw["momentum"],
+        use_adaptive_damping=False,
+        damping_schedule=lambda step: kw["damping"] / size,
+        norm_constraint=kw["kl_clip"] / size if kw["scaling"] == "kl_clip" else None,
+        estimation_mode="fisher_empirical",
+        curvature_ema=1.0 - kw["stat_decay"],
+        inverse_update_period=kw["inverse_update_period"],
+        num_burnin_steps=0,
+        multi_device=False,
+    )
     return self.optimizer.init(params, jax.random.key(0), (x, y))
 
 
@@ -111,7 +124,8 @@ def kfac_jax_peer(learning_rate, *, damping: float = 1e-3, stat_decay: float = 0
                   inverse_update_period: int = 10, scaling: Optional[str] = "kl_clip",
                   kl_clip: float = 1e-3, momentum: float = 0.9,
                   weight_decay: float = 0.0) -> KfacJaxPeer:
-  """kfac-jax with the settings of ``eva_optax.kfac(learning_rate, ...)`` of the same names."""
+  """kfac-jax with the settings of ``eva_optax.kfac(learning_rate, ...)`` of the same names (in
+  our units; converted for kfac-jax as the module docstring says)."""
   if scaling not in ("kl_clip", None):
     raise ValueError("the kfac_jax peer supports scaling='kl_clip' (norm_constraint) or None.")
   return KfacJaxPeer(learning_rate, dict(
