@@ -10,7 +10,8 @@ order = np.random.default_rng(0).permutation(10000)
 out = {}
 for name in sys.argv[1].split(","):
   spec = optimizers.OPTIMIZERS[name]
-  tx = spec.make(spec.default_lr[task.name], **spec.defaults)
+  config = optimizers.parse_entry(name)
+  tx = optimizers.make(config, task.name, optimizers.learning_rate(config, task.name))
   step = train.make_step(task, tx, spec.statistics)
   p, s = params, tx.init(params)
   times, evals = [], []

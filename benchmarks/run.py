@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
   eval_set = (data.x_train[:args.eval_subset], data.y_train[:args.eval_subset])
 
   runs = {c.label: {"optimizer": c.name, "lr": optimizers.learning_rate(c, task.name),
-                    "kwargs": optimizers.make_kwargs(c), "seeds": []} for c in configs}
+                    "kwargs": optimizers.make_kwargs(c, task.name), "seeds": []} for c in configs}
   for seed in seeds:
     params = task.model.init(jax.random.PRNGKey(seed), data.x_train[:1])["params"]
     rng = np.random.default_rng(seed)
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
       spec, run = optimizers.OPTIMIZERS[config.name], runs[config.label]
       lr = run["lr"]
       schedule = optax.cosine_decay_schedule(lr, total_steps) if args.schedule == "cosine" else lr
-      tx = spec.make(schedule, **{**spec.defaults, **config.kwargs})
+      tx = optimizers.make(config, task.name, schedule)
       result, final_params, state, step = train.train(
           task, data, tx, spec.statistics, params, orders, batch_size, total_steps, eval_set,
           first_eval, desc=f"{config.label} seed {seed}")

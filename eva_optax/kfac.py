@@ -108,7 +108,8 @@ def scale_by_kfac(
 
   Args:
     damping: γ > 0, Tikhonov damping of the Fisher A ⊗ G in per-example units, split over the
-      factors as π√γ and √γ/π.
+      factors as π√γ and √γ/π. kfac-jax's empirical-Fisher damping at batch size B is γ/B (its
+      G is ours / B): its 1e-3 at B = 1000 is γ = 1 here.
     stat_decay: weight of the *new* factors in the running averages (the package-wide
       convention, see :func:`~eva_optax.running_average`): default 0.05, i.e. the old factors
       weigh 0.95 (kfac-jax's ``curvature_ema=0.95``).

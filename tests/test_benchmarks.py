@@ -89,7 +89,8 @@ def test_parse_entry():
   assert config.label == "eva:lr=0.3:damping_mode=absolute:scaling=none"
   assert config.name == "eva" and config.lr == 0.3
   assert config.kwargs == {"damping_mode": "absolute", "scaling": None}
-  assert optimizers.make_kwargs(config)["relative_damping"] == 0.5  # the signature default
+  # the signature default:
+  assert optimizers.make_kwargs(config, "digits_mlp")["relative_damping"] == 0.5
   assert optimizers.parse_entry("sgd").kwargs == {}
   for bad in ("nadam", "eva:dampng=1", "eva:damping"):
     with pytest.raises(ValueError):

@@ -41,8 +41,6 @@ OPTIMIZERS = [
         preconditioning_compute_steps=2, matrix_epsilon=matrix_epsilon), None,
      {"matrix_epsilon": 1e-2}),
     ("eva_s", eva_optax.eva_s, None, {"damping": 1e-3}),
-]
-OPTIMIZERS += [
     ("kbfgs", eva_optax.kbfgs, eva_optax.KBFGS_STATISTICS, {"damping": 0.3}),
     ("kbfgs_l", functools.partial(eva_optax.kbfgs_l, memory_size=4), eva_optax.KBFGS_STATISTICS,
      {"damping": 0.3}),

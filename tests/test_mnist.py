@@ -33,7 +33,7 @@ def _train_loss(task_name, name, mnist_dir):
   config = optimizers.parse_entry(name)
   spec = optimizers.OPTIMIZERS[name]
   schedule = optax.cosine_decay_schedule(optimizers.learning_rate(config, task.name), STEPS)
-  tx = spec.make(schedule, **spec.defaults)
+  tx = optimizers.make(config, task.name, schedule)
   step = train.make_step(task, tx, spec.statistics)
   state = tx.init(params)
   order = np.random.default_rng(0).permutation(SUBSET)

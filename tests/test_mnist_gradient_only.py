@@ -19,7 +19,7 @@ def _train_loss(task, data, name, params, order):
   config = optimizers.parse_entry(name)
   spec = optimizers.OPTIMIZERS[name]
   schedule = optax.cosine_decay_schedule(optimizers.learning_rate(config, task.name), STEPS)
-  tx = spec.make(schedule, **spec.defaults)
+  tx = optimizers.make(config, task.name, schedule)
   step = train.make_step(task, tx, spec.statistics)
   state = tx.init(params)
   for k in range(STEPS):

@@ -1,5 +1,6 @@
 """Data parallelism (DESIGN §6): pmap, shard_map and jit with a sharded batch on 4 CPU devices
-train exactly like one device on the global batch, for every optimizer of test_common."""
+train exactly like one device on the global batch, for one optimizer of test_common per kind of
+captured statistics (and one gradient-only optimizer)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,19 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eva_optax
-from test_common import OPTIMIZERS, ROWS, Net, capture_fn, scaled_atol, second_pass
+from test_common import ROWS, Net, capture_fn, scaled_atol, second_pass
 
 DEVICES, LOCAL, STEPS = 4, 8, 3
 # Float32 re-association only: per-device means and a pmean instead of one global mean change
 # the rounding of every statistic and gradient by ~1e-7 relative; three steps through the KL
 # normalization's global sum keep the drift below 1e-5.
 RTOL, ATOL = 1e-5, 1e-6
+# What parallelism can break is the capture and the averaging of statistics across devices; the
+# preconditioners' math is device-local. So one row per captured kind (and Shampoo for the
+# gradient-only path with roots under lax.cond) covers it: the variants (eigh, K-BFGS(L), Eva's
+# damping modes, Eva-s) are left to test_common, which keeps the suite within its time budget.
+PARALLEL_ROWS = [row for row in ROWS
+                 if row.id in ("eva", "kfac", "foof", "eva_f", "shampoo", "kbfgs")]
 
 
 def _data():
@@ -68,7 +75,7 @@ def _assert_close(got, want, scaled=0.0):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=atol)
 
 
-@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+@pytest.mark.parametrize("factory,statistics,hparams", PARALLEL_ROWS)
 def test_pmap_equals_one_device_on_the_global_batch(factory, statistics, hparams, request):
   tx = factory(0.05, **hparams)
   params, x, labels = _data()
@@ -84,7 +91,7 @@ def test_pmap_equals_one_device_on_the_global_batch(factory, statistics, hparams
                 scaled_atol(request))
 
 
-@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+@pytest.mark.parametrize("factory,statistics,hparams", PARALLEL_ROWS)
 def test_shard_map_equals_one_device_on_the_global_batch(factory, statistics, hparams, request):
   tx = factory(0.05, **hparams)
   params, x, labels = _data()
@@ -99,7 +106,7 @@ def test_shard_map_equals_one_device_on_the_global_batch(factory, statistics, hp
   _assert_close(got, _single_device(tx, statistics), scaled_atol(request))
 
 
-@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+@pytest.mark.parametrize("factory,statistics,hparams", PARALLEL_ROWS)
 def test_jit_with_a_sharded_batch_needs_no_axis_name_and_stays_replicated(factory, statistics,
                                                                          hparams, request):
   tx = factory(0.05, **hparams)
