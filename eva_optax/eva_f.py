@@ -43,7 +43,8 @@ def eva_f_layer(stats: collectors.ActivationVector, grad_matrix: jax.Array, damp
   signal = jnp.dot(a, a, precision=_HIGHEST)
   gamma = effective_damping(signal, damping, damping_mode, relative_damping)
   projection = jnp.matmul(a, grad_matrix, precision=_HIGHEST)
-  return EvaLayerTerms(grad_matrix - jnp.outer(a, projection) / (signal + gamma), gamma,
+  # Scale the d_out-vector, not the [d_in, d_out] outer product: one division per column.
+  return EvaLayerTerms(grad_matrix - jnp.outer(a, projection / (signal + gamma)), gamma,
                            signal)
 
 
