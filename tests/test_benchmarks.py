@@ -91,6 +91,12 @@ def test_parse_entry():
   assert config.kwargs == {"damping_mode": "absolute", "scaling": None}
   # the signature default:
   assert optimizers.make_kwargs(config, "digits_mlp")["relative_damping"] == 0.5
+  # per-task registry defaults apply on their task only, and the command line wins over them
+  kfac = optimizers.parse_entry("kfac")
+  assert optimizers.make_kwargs(kfac, "mnist_autoencoder")["damping"] == 10.0
+  assert optimizers.make_kwargs(kfac, "mnist_cnn")["damping"] == 1e-3
+  assert optimizers.make_kwargs(optimizers.parse_entry("kfac:damping=0.5"),
+                                "mnist_autoencoder")["damping"] == 0.5
   assert optimizers.parse_entry("sgd").kwargs == {}
   for bad in ("nadam", "eva:dampng=1", "eva:damping"):
     with pytest.raises(ValueError):
