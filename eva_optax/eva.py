@@ -182,14 +182,11 @@ def eva(
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
     curvature=curvature)``. Works in ``optax.chain`` and ``optax.inject_hyperparams``.
   """
-  return optax.chain(
+  return transform.with_momentum(
       scale_by_eva(damping, damping_mode=damping_mode, relative_damping=relative_damping,
                    stat_decay=stat_decay, scaling=scaling, kl_clip=kl_clip,
                    learning_rate=learning_rate, batch_size=batch_size),
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, momentum, nesterov, weight_decay)
 
 
 def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,

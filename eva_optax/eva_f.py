@@ -107,10 +107,7 @@ def eva_f(
   Args: as :func:`~eva_optax.eva` and :func:`scale_by_eva_f`. Call ``update(grads, state,
   params, curvature=curvature)`` with ``statistics="activation_vector"``.
   """
-  return optax.chain(
+  return transform.with_momentum(
       scale_by_eva_f(damping, damping_mode=damping_mode, relative_damping=relative_damping,
                      stat_decay=stat_decay, scaling=scaling),
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, momentum, nesterov, weight_decay)

@@ -160,9 +160,6 @@ def eva_s(
   Raises:
     ValueError: as :func:`scale_by_eva_s`.
   """
-  return optax.chain(
+  return transform.with_momentum(
       scale_by_eva_s(damping, beta2=beta2),
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, momentum, nesterov, weight_decay)

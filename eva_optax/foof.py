@@ -85,11 +85,8 @@ def foof(
   Args: as :func:`~eva_optax.kfac`. Call ``update(grads, state, params, curvature=curvature)``
   with ``statistics="activation_factor"``.
   """
-  return optax.chain(
+  return transform.with_momentum(
       scale_by_foof(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,
                     inverse=inverse, scaling=scaling, kl_clip=kl_clip,
                     learning_rate=learning_rate),
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, momentum, nesterov, weight_decay)

@@ -441,7 +441,7 @@ def shampoo(
   Raises:
     ValueError: as :func:`scale_by_shampoo`.
   """
-  return optax.chain(
+  return transform.with_momentum(
       scale_by_shampoo(
           block_size, beta2=beta2, matrix_epsilon=matrix_epsilon,
           start_preconditioning_step=start_preconditioning_step,
@@ -450,7 +450,4 @@ def shampoo(
           skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
           graft_type=graft_type, graft_beta1=graft_beta1, graft_beta2=graft_beta2,
           graft_epsilon=graft_epsilon, root_method=root_method),
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, momentum, nesterov, weight_decay)

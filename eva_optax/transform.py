@@ -157,6 +157,20 @@ def _match(curvature, grads: Mapping, stats: Mapping, collector: collectors.Coll
   return flat
 
 
+def with_momentum(direction: optax.GradientTransformation,
+                  learning_rate: optax.ScalarOrSchedule, momentum: float, nesterov: bool,
+                  weight_decay: float) -> optax.GradientTransformationExtraArgs:
+  """``direction`` → ``optax.add_decayed_weights(weight_decay)`` → ``optax.trace(momentum,
+  nesterov)`` → ``−learning_rate``: the tail every complete optimizer of the package shares
+  (K-BFGS excepted: the paper applies momentum before its preconditioner)."""
+  return optax.chain(
+      direction,
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
 def scale_by_kronecker(collector: collectors.Collector, preconditioner: Preconditioner,
                        scaling: Scaling) -> optax.GradientTransformationExtraArgs:
   """Preconditions each captured layer's gradient with its running statistics.

@@ -26,22 +26,27 @@ def _setup(task_name, mnist_dir):
   return task, data, params
 
 
+def train_loss(task, data, params, name, steps, batch):
+  """Loss on ``data``'s training set after ``steps`` steps of registry optimizer ``name`` at its
+  defaults for ``task``, cosine schedule; full batches of one fixed permutation, so every
+  optimizer sees the same batches."""
+  config = optimizers.parse_entry(name)
+  schedule = optax.cosine_decay_schedule(optimizers.learning_rate(config, task.name), steps)
+  tx = optimizers.make(config, task.name, schedule)
+  step = train.make_step(task, tx, optimizers.OPTIMIZERS[name].statistics)
+  state = tx.init(params)
+  order = np.random.default_rng(0).permutation(len(data.x_train))
+  usable = len(order) // batch * batch
+  for k in range(steps):
+    index = order[k * batch % usable:][:batch]
+    params, state, _ = step(params, state, data.x_train[index], data.y_train[index])
+  return float(task.eval_loss(params, data.x_train, data.y_train))
+
+
 @functools.cache
 def _train_loss(task_name, name, mnist_dir):
-  """Training-subset loss after STEPS steps: same batches and cosine schedule for everyone."""
   task, data, params = _setup(task_name, mnist_dir)
-  config = optimizers.parse_entry(name)
-  spec = optimizers.OPTIMIZERS[name]
-  schedule = optax.cosine_decay_schedule(optimizers.learning_rate(config, task.name), STEPS)
-  tx = optimizers.make(config, task.name, schedule)
-  step = train.make_step(task, tx, spec.statistics)
-  state = tx.init(params)
-  order = np.random.default_rng(0).permutation(SUBSET)
-  batch = task.batch_size
-  for k in range(STEPS):
-    index = order[k * batch % (SUBSET // batch * batch):][:batch]  # full batches only
-    params, state, loss = step(params, state, data.x_train[index], data.y_train[index])
-  return task.eval_loss(params, data.x_train, data.y_train)
+  return train_loss(task, data, params, name, STEPS, task.batch_size)
 
 
 @pytest.mark.data

@@ -7,25 +7,12 @@ absent (set EVA_OPTAX_DATA).
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from benchmarks import datasets, models, optimizers, train
+from benchmarks import datasets, models
+from test_mnist import train_loss
 
 STEPS, BATCH, SUBSET = 60, 256, 7680
-
-
-def _train_loss(task, data, name, params, order):
-  config = optimizers.parse_entry(name)
-  spec = optimizers.OPTIMIZERS[name]
-  schedule = optax.cosine_decay_schedule(optimizers.learning_rate(config, task.name), STEPS)
-  tx = optimizers.make(config, task.name, schedule)
-  step = train.make_step(task, tx, spec.statistics)
-  state = tx.init(params)
-  for k in range(STEPS):
-    index = order[k * BATCH % SUBSET:][:BATCH]
-    params, state, _ = step(params, state, data.x_train[index], data.y_train[index])
-  return float(task.eval_loss(params, data.x_train, data.y_train))
 
 
 @pytest.mark.data
@@ -34,9 +21,8 @@ def test_shampoo_and_eva_s_beat_sgd_on_mnist(mnist_dir):
   data = task.prepare(datasets.load_mnist(mnist_dir))
   data = data._replace(x_train=data.x_train[:SUBSET], y_train=data.y_train[:SUBSET])
   params = task.model.init(jax.random.key(0), data.x_train[:1])["params"]
-  order = np.random.default_rng(0).permutation(SUBSET)
   # Same steps, batches and cosine schedule; each at its registry default lr and settings.
-  losses = {name: _train_loss(task, data, name, params, order)
+  losses = {name: train_loss(task, data, params, name, STEPS, BATCH)
             for name in ("sgd", "eva_s", "shampoo")}
   for name in ("eva_s", "shampoo"):
     assert np.isfinite(losses[name]) and losses[name] < losses["sgd"], losses
