@@ -17,7 +17,6 @@ picks its own kind from such a dict.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -109,13 +108,13 @@ class Collector(NamedTuple):
 
   Attributes:
     kind: the statistics record type expected in ``curvature`` (a value of :data:`RECORDS`).
-    init: ``(kernel, has_bias) -> record`` of zeros shaped for a kernel ``[..., d_out]``.
+    init: ``(d_in, d_out, has_bias) -> record`` of zeros for one ``[d_in, d_out]`` matrix.
     update: ``(old, new, count) -> record``, the running average.
     with_bias: ``record -> record`` augmented for a layer with a bias (the bias row of Ĝ).
   """
 
   kind: type
-  init: Callable[[jax.Array, bool], NamedTuple]
+  init: Callable[[int, int, bool], NamedTuple]
   update: Callable[[NamedTuple, NamedTuple, jax.Array], NamedTuple]
   with_bias: Callable[[NamedTuple], NamedTuple]
 
@@ -144,10 +143,8 @@ def _collector(kind: type, shapes: Callable, stat_decay: float,
                with_bias: Callable = lambda stats: stats) -> Collector:
   """A collector of float32 running averages of ``kind`` records with ``shapes(d_in, d_aug,
   d_out)`` (``d_aug`` = d_in + 1 with a bias)."""
-  def init(kernel, has_bias):
-    shape = jnp.shape(kernel)
-    d_in = math.prod(shape[:-1])
-    return kind(*(jnp.zeros(s, jnp.float32) for s in shapes(d_in, d_in + has_bias, shape[-1])))
+  def init(d_in, d_out, has_bias):
+    return kind(*(jnp.zeros(s, jnp.float32) for s in shapes(d_in, d_in + has_bias, d_out)))
 
   def update(old, new, count):
     new = kind(*(jnp.asarray(v, jnp.float32) for v in new))

@@ -97,6 +97,7 @@ def scale_by_eva(
     kl_clip: float = 1e-3,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     batch_size: int = 1,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva's preconditioned direction, to compose with momentum and a learning rate.
 
@@ -123,6 +124,8 @@ def scale_by_eva(
     learning_rate: η for ``"kl_clip"`` (float or optax schedule, evaluated at the step count).
     batch_size: per-device batch size B, used only by ``"kl_clip"`` to express the direction in
       the reference's mean-loss units (its ḡ is ḡ/B, its γ is γ/B²); 1 keeps per-example units.
+    layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
+      :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
@@ -146,10 +149,11 @@ def scale_by_eva(
     return terms.direction
 
   preconditioner = transform.Preconditioner(
-      init=lambda kernel, has_bias: (), update=lambda stats, state, count: state, apply=apply)
+      init=lambda d_in, d_out, has_bias: (), update=lambda stats, state, count: state,
+      apply=apply)
   return transform.scale_by_kronecker(
       collectors.kronecker_vectors(stat_decay), preconditioner,
-      transform.scaling_by_name(scaling, kl_clip, learning_rate))
+      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts)
 
 
 def eva(
@@ -165,6 +169,7 @@ def eva(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete Eva optimizer, in the reference's order:
   precondition (:func:`scale_by_eva`) → ``optax.add_decayed_weights(weight_decay)`` →
@@ -175,8 +180,8 @@ def eva(
     momentum: heavy-ball coefficient of ``optax.trace`` (default 0.9).
     nesterov: Nesterov momentum.
     weight_decay: L2 coefficient added to the *preconditioned* direction (reference order).
-    damping, damping_mode, relative_damping, stat_decay, scaling, kl_clip, batch_size: as in
-      :func:`scale_by_eva`.
+    damping, damping_mode, relative_damping, stat_decay, scaling, kl_clip, batch_size, layouts:
+      as in :func:`scale_by_eva`.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -185,34 +190,43 @@ def eva(
   return transform.with_momentum(
       scale_by_eva(damping, damping_mode=damping_mode, relative_damping=relative_damping,
                    stat_decay=stat_decay, scaling=scaling, kl_clip=kl_clip,
-                   learning_rate=learning_rate, batch_size=batch_size),
+                   learning_rate=learning_rate, batch_size=batch_size, layouts=layouts),
       learning_rate, momentum, nesterov, weight_decay)
 
 
 def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
                     damping: float = 1e-3, damping_mode: str = "relative",
-                    relative_damping: float = 0.5) -> dict[str, dict[str, jax.Array]]:
+                    relative_damping: float = 0.5,
+                    layouts: Optional[Mapping] = None) -> dict[str, dict[str, jax.Array]]:
   """Whether the second-order correction does anything, per layer.
 
   Args:
     grads: gradient pytree (as passed to ``update``).
     stats: the running statistics, ``ScaleByKroneckerState.stats`` (e.g.
       ``optax.tree_utils.tree_get(opt_state, "stats")``).
-    damping, damping_mode, relative_damping: as given to :func:`scale_by_eva`.
+    damping, damping_mode, relative_damping, layouts: as given to :func:`scale_by_eva`.
 
   Returns:
     ``{layer: {"signal_to_damping": ‖ā‖²‖ḡ‖²/γ_eff, "removed_fraction": 1 − ⟨V,Ĝ⟩/⟨Ĝ,Ĝ⟩}}``
-    (float32 scalars) for every layer with nonzero statistics.
+    (float32; scalars, or one per slice ``[*stack]`` for a layer stack) for every layer with
+    statistics.
   """
+  layouts = transform.flat_layouts(layouts)
   out = {}
   for name, layer in layers.find_layers(grads).items():
     if name not in stats:
       continue
-    layer_stats = collectors.vectors_with_bias(stats[name]) if "bias" in layer else stats[name]
-    matrix = layers.to_matrix(layer)
-    terms = eva_layer(layer_stats, matrix, damping, damping_mode, relative_damping)
-    out[name] = {
-        "signal_to_damping": terms.signal / terms.damping,
-        "removed_fraction": 1.0 - jnp.vdot(terms.direction, matrix) / jnp.vdot(matrix, matrix),
-    }
+    layout = layouts.get(name, layers.Layout())
+
+    def one(layer_stats, matrix, has_bias="bias" in layer):
+      if has_bias:
+        layer_stats = collectors.vectors_with_bias(layer_stats)
+      terms = eva_layer(layer_stats, matrix, damping, damping_mode, relative_damping)
+      return {
+          "signal_to_damping": terms.signal / terms.damping,
+          "removed_fraction": 1.0 - jnp.vdot(terms.direction, matrix) / jnp.vdot(matrix, matrix),
+      }
+
+    out[name] = layers.over_stack(one, layout.stacked_axes)(stats[name],
+                                                             layers.to_matrix(layer, layout))
   return out

@@ -13,7 +13,7 @@ Eva: O(d_in) state and O(d_in·d_out) time per layer.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,7 @@ def scale_by_eva_f(
     relative_damping: float = 0.5,
     stat_decay: float = 0.95,
     scaling: Optional[str] = "kl_normalize",
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-f's preconditioned direction, to compose with momentum and a learning rate.
 
@@ -64,6 +65,8 @@ def scale_by_eva_f(
     relative_damping: λ ≥ 0 of the relative mode.
     stat_decay: weight of the new ā in its running average (as :func:`~eva_optax.scale_by_eva`).
     scaling: ``"kl_normalize"`` (journal, default) or ``None``.
+    layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
+      :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
@@ -84,9 +87,10 @@ def scale_by_eva_f(
     return eva_f_layer(stats, grad_matrix, damping, damping_mode, relative_damping).direction
 
   preconditioner = transform.Preconditioner(
-      init=lambda kernel, has_bias: (), update=lambda stats, state, count: state, apply=apply)
+      init=lambda d_in, d_out, has_bias: (), update=lambda stats, state, count: state,
+      apply=apply)
   return transform.scale_by_kronecker(collectors.activation_vector(stat_decay), preconditioner,
-                                      transform.scaling_by_name(scaling))
+                                      transform.scaling_by_name(scaling), layouts)
 
 
 def eva_f(
@@ -100,6 +104,7 @@ def eva_f(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete Eva-f optimizer: :func:`scale_by_eva_f` → ``optax.add_decayed_weights`` →
   ``optax.trace(momentum, nesterov)`` → ``−learning_rate`` (the order of :func:`eva`).
@@ -109,5 +114,5 @@ def eva_f(
   """
   return transform.with_momentum(
       scale_by_eva_f(damping, damping_mode=damping_mode, relative_damping=relative_damping,
-                     stat_decay=stat_decay, scaling=scaling),
+                     stat_decay=stat_decay, scaling=scaling, layouts=layouts),
       learning_rate, momentum, nesterov, weight_decay)

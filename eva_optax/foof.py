@@ -11,8 +11,7 @@ the damped inverse cached and refreshed every ``inverse_update_period`` steps.
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,12 +30,13 @@ def scale_by_foof(
     scaling: Optional[str] = "kl_clip",
     kl_clip: float = 1e-3,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF's preconditioned direction (A + γI)⁻¹ Ĝ, to compose with momentum and a learning rate.
 
   Args:
     damping: γ > 0, added to A (units of squared activations).
-    stat_decay, inverse_update_period, inverse, scaling, kl_clip, learning_rate: as in
+    stat_decay, inverse_update_period, inverse, scaling, kl_clip, learning_rate, layouts: as in
       :func:`~eva_optax.scale_by_kfac`.
 
   Returns:
@@ -50,8 +50,9 @@ def scale_by_foof(
   """
   check_inverse_options(damping, inverse_update_period, inverse)
 
-  def init(kernel, has_bias):
-    return jnp.eye(math.prod(jnp.shape(kernel)[:-1]) + has_bias, dtype=jnp.float32)
+  def init(d_in, d_out, has_bias):
+    del d_out
+    return jnp.eye(d_in + has_bias, dtype=jnp.float32)
 
   def update(stats, state, count):
     return refresh_every(inverse_update_period, count,
@@ -63,7 +64,7 @@ def scale_by_foof(
 
   return transform.scale_by_kronecker(
       collectors.activation_factor(stat_decay), transform.Preconditioner(init, update, apply),
-      transform.scaling_by_name(scaling, kl_clip, learning_rate))
+      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts)
 
 
 def foof(
@@ -78,6 +79,7 @@ def foof(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete FOOF optimizer: :func:`scale_by_foof` → ``optax.add_decayed_weights`` →
   ``optax.trace(momentum, nesterov)`` → ``−learning_rate``.
@@ -88,5 +90,5 @@ def foof(
   return transform.with_momentum(
       scale_by_foof(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,
                     inverse=inverse, scaling=scaling, kl_clip=kl_clip,
-                    learning_rate=learning_rate),
+                    learning_rate=learning_rate, layouts=layouts),
       learning_rate, momentum, nesterov, weight_decay)

@@ -34,7 +34,7 @@ Hessian-action pair is 1 (the mean of the constant bias input) where that code u
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -110,36 +110,6 @@ def _check(damping, powell_damping, stat_decay, pair_decay, memory_size) -> None
                      f"{memory_size!r}.")
 
 
-def _flat_records(curvature, name: str, grads: Mapping, stats: Mapping) -> dict:
-  """``{layer: record}`` of statistics ``name`` from a capture's output, validated."""
-  kind = collectors.RECORDS[name]
-  if isinstance(curvature, Mapping) and curvature and set(curvature) <= set(collectors.RECORDS):
-    if name not in curvature:
-      raise ValueError(f"eva_optax: curvature holds {sorted(curvature)} but K-BFGS needs "
-                       f"'{name}': capture statistics={KBFGS_STATISTICS} (first pass) and "
-                       f"'{SECOND_PASS_STATISTICS}' (curvature_fn).")
-    curvature = curvature[name]
-  flat = collectors.flatten_curvature(curvature)
-  for layer, record in flat.items():
-    if layer not in grads or layer not in stats:
-      raise ValueError(
-          f"eva_optax: curvature has layer '{layer}' but the parameters have no "
-          f"'{layer}/kernel'. Pass the params collection itself (variables['params']); layers "
-          f"with kernels: {sorted(grads)}.")
-    if not isinstance(record, kind):
-      raise TypeError(f"eva_optax: curvature['{layer}'] is a {type(record).__name__}, K-BFGS "
-                      f"needs {kind.__name__} here (statistics '{name}').")
-  return flat
-
-
-def _check_shapes(layer: str, record, expected: Mapping[str, tuple]) -> None:
-  for field, shape in expected.items():
-    got = jnp.shape(getattr(record, field))
-    if got != shape:
-      raise ValueError(f"eva_optax: curvature['{layer}'].{field} has shape {got}, the layer "
-                       f"needs {shape}.")
-
-
 def _cholesky_inverse(matrix: jax.Array) -> jax.Array:
   """The inverse of a symmetric positive definite float32 matrix (Cholesky)."""
   factor = jax.scipy.linalg.cho_factor(0.5 * (matrix + matrix.T), lower=True)
@@ -161,6 +131,7 @@ def scale_by_kbfgs(
     pair_decay: float = 0.9,
     powell_damping: float = 0.2,
     initial_scale: float = 1.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-BFGS's preconditioned direction H^a Ĝ H^g per layer (the negative step before −lr).
 
@@ -177,6 +148,9 @@ def scale_by_kbfgs(
     powell_damping: μ₁ of Powell's damping (paper 0.2).
     initial_scale: H^g starts as ``initial_scale · I`` (and is L-BFGS's fixed initial matrix);
       paper 1.
+    layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
+      :func:`~eva_optax.scale_by_kronecker` (stacked layers are updated slice by slice with
+      ``jax.vmap``).
 
   Returns:
     ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
@@ -198,25 +172,85 @@ def scale_by_kbfgs(
   # the memory size is a shape, needed concretely by init only.
   size = None if not limited else transform.concrete(memory_size)
 
+  layouts = transform.flat_layouts(layouts)
+
   def init_fn(params):
+    if limited and size is None:
+      raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
+                       "static_args=('memory_size',).")
     stats, factors = {}, {}
     for name, layer in layers.find_layers(params).items():
-      d, d_out = layers.matrix_shape(layer)
+      stack, d_in, d_out, has_bias = transform.layer_shapes(
+          layer, name, layouts.get(name, layers.Layout()))
+      d = d_in + has_bias
       zeros = jnp.zeros((d_out,), jnp.float32)
-      stats[name] = KBFGSStatistics(jnp.zeros((d, d), jnp.float32), zeros, zeros)
-      if limited and size is None:
-        raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
-                         "static_args=('memory_size',).")
+      stats[name] = transform.stacked_init(
+          lambda: KBFGSStatistics(jnp.zeros((d, d), jnp.float32), zeros, zeros), stack)
       h_g = (bfgs.lbfgs_init(d_out, int(size)) if limited
              else initial_scale * jnp.eye(d_out, dtype=jnp.float32))
-      factors[name] = KBFGSFactors(jnp.eye(d, dtype=jnp.float32), h_g,
-                                   jnp.zeros((), jnp.int32))
+      factors[name] = transform.stacked_init(
+          lambda: KBFGSFactors(jnp.eye(d, dtype=jnp.float32), h_g, jnp.zeros((), jnp.int32)),
+          stack)
     return ScaleByKBFGSState(jnp.zeros((), jnp.int32), stats, factors)
 
   def h_g_product(h_g, v):
     if limited:
       return bfgs.lbfgs_product(h_g, v, initial_scale)
     return jnp.matmul(h_g, v, precision=_HIGHEST)
+
+  sqrt_lambda = lambda: jnp.sqrt(jnp.asarray(damping, jnp.float32))
+
+  def precondition(old, fac, new_a, mean_in, matrix, count, has_bias):
+    """One slice: running A, H^a (explicit inverse on the first step), direction H^a Ĝ H^g."""
+    new_a = jnp.asarray(new_a, jnp.float32)
+    averaged = jnp.where(count == 0, new_a, stat_decay * old.a + (1.0 - stat_decay) * new_a)
+    a = jnp.where(jnp.all(jnp.isfinite(new_a)), averaged, old.a)
+    lm_a = a + sqrt_lambda() * jnp.eye(a.shape[0], dtype=jnp.float32)
+    h_a = jax.lax.cond(count == 0, _cholesky_inverse, lambda _: fac.h_a, lm_a)
+    h_a = jnp.where(jnp.all(jnp.isfinite(h_a)), h_a, fac.h_a)
+    mean_in = jnp.asarray(mean_in, jnp.float32)
+    a_bar = jnp.append(mean_in, 1.0) if has_bias else mean_in
+    left = jnp.matmul(h_a, matrix, precision=_HIGHEST)
+    return (old._replace(a=a), fac._replace(h_a=h_a), h_g_product(fac.h_g, left.T).T, lm_a,
+            a_bar)
+
+  def learn(old, fac, now, then, lm_a, a_bar):
+    """One slice: the averaged, doubly damped pair updates H^g; Hessian-action BFGS on H^a."""
+    s_new = jnp.asarray(now.y, jnp.float32) - jnp.asarray(then.y, jnp.float32)
+    y_new = jnp.asarray(now.g, jnp.float32) - jnp.asarray(then.g, jnp.float32)
+    finite = collectors.all_finite((s_new, y_new))
+    s = jnp.where(finite, pair_decay * old.s + (1.0 - pair_decay) * s_new, old.s)
+    y = jnp.where(finite, pair_decay * old.y + (1.0 - pair_decay) * y_new, old.y)
+    s_d, y_d = bfgs.double_damping(s, y, lambda v: h_g_product(fac.h_g, v), powell_damping,
+                                   sqrt_lambda())
+    g_norm = jnp.linalg.norm(jnp.asarray(now.g, jnp.float32))
+    accept = finite & bfgs.safely_positive(s_d, y_d, g_norm)
+    h_g = (bfgs.lbfgs_push(fac.h_g, s_d, y_d, accept) if limited
+           else _bfgs_or_keep(fac.h_g, s_d, y_d, accept))
+    s_a = jnp.matmul(fac.h_a, a_bar, precision=_HIGHEST)
+    y_a = jnp.matmul(lm_a, s_a, precision=_HIGHEST)
+    accept_a = bfgs.safely_positive(s_a, y_a, jnp.linalg.norm(a_bar))
+    h_a = _bfgs_or_keep(fac.h_a, s_a, y_a, accept_a)
+    return (old._replace(s=s, y=y),
+            KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32)))
+
+  def first_pass(curvature, grads, state):
+    first = {kind: transform.match_layers(curvature, grads, collectors.RECORDS[kind], "K-BFGS")
+             for kind in KBFGS_STATISTICS}
+    captured = sorted(first["activation_factor"])
+    for kind in KBFGS_STATISTICS[1:]:
+      if sorted(first[kind]) != captured:
+        raise ValueError(f"eva_optax: the captured statistics cover different layers: "
+                         f"{captured} vs {sorted(first[kind])} ('{kind}').")
+    for name in captured:
+      old = state.stats[name]
+      expected = {"activation_factor": (old.a,), "activation_vector": (old.a[..., 0, :-1]
+                  if "bias" in grads[name] else old.a[..., 0, :],),
+                  "output_vectors": (old.s, old.s)}
+      for kind in KBFGS_STATISTICS:
+        transform.check_record(name, first[kind][name], expected[kind],
+                               jnp.shape(grads[name]["kernel"]))
+    return first, captured
 
   def update_fn(updates, state, params=None, *, curvature=None, curvature_fn=None,
                 **extra_args):
@@ -229,82 +263,35 @@ def scale_by_kbfgs(
           "eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS).")
     grads = layers.find_layers(updates)
     count = state.count
-    first = {name: _flat_records(curvature, name, grads, state.stats)
-             for name in KBFGS_STATISTICS}
-    captured = sorted(first["activation_factor"])
-    for other in KBFGS_STATISTICS[1:]:
-      if sorted(first[other]) != captured:
-        raise ValueError(f"eva_optax: the captured statistics cover different layers: "
-                         f"{captured} vs {sorted(first[other])} ('{other}').")
-    sqrt_lambda = jnp.sqrt(jnp.asarray(damping, jnp.float32))
+    first, captured = first_pass(curvature, grads, state)
     stats, factors = dict(state.stats), dict(state.preconditioner)
     directions, lm_a, a_bar = {}, {}, {}
     for name in captured:
-      old, fac = state.stats[name], state.preconditioner[name]
-      d, d_out = layers.matrix_shape(grads[name])
-      d_in = d - ("bias" in grads[name])
-      _check_shapes(name, first["activation_factor"][name], {"a": (d, d)})
-      _check_shapes(name, first["activation_vector"][name], {"a": (d_in,)})
-      _check_shapes(name, first["output_vectors"][name], {"y": (d_out,), "g": (d_out,)})
-      new_a = jnp.asarray(first["activation_factor"][name].a, jnp.float32)
-      averaged = jnp.where(count == 0, new_a,
-                           stat_decay * old.a + (1.0 - stat_decay) * new_a)
-      a = jnp.where(jnp.all(jnp.isfinite(new_a)), averaged, old.a)
-      lm_a[name] = a + sqrt_lambda * jnp.eye(d, dtype=jnp.float32)
-      h_a = jax.lax.cond(count == 0, _cholesky_inverse, lambda _: fac.h_a, lm_a[name])
-      h_a = jnp.where(jnp.all(jnp.isfinite(h_a)), h_a, fac.h_a)
-      stats[name] = old._replace(a=a)
-      factors[name] = fac._replace(h_a=h_a)
-      mean_in = jnp.asarray(first["activation_vector"][name].a, jnp.float32)
-      a_bar[name] = jnp.append(mean_in, 1.0) if "bias" in grads[name] else mean_in
-      left = jnp.matmul(h_a, layers.to_matrix(grads[name]), precision=_HIGHEST)
-      directions[name] = h_g_product(fac.h_g, left.T).T
-
-    new_leaves = {}
-    for name, direction in directions.items():
-      for leaf, value in layers.from_matrix(direction, grads[name]).items():
-        new_leaves[layers.layer_name(tuple(filter(None, (name, leaf))))] = value
-
-    def replace(path, leaf):
-      return new_leaves.get(layers.layer_name(layers.key_path_names(path)), leaf)
-
-    updates = jax.tree_util.tree_map_with_path(replace, updates)
+      layout = layouts.get(name, layers.Layout())
+      one = functools.partial(precondition, count=count, has_bias="bias" in grads[name])
+      stats[name], factors[name], direction, lm_a[name], a_bar[name] = layers.over_stack(
+          one, layout.stacked_axes)(
+              state.stats[name], state.preconditioner[name],
+              first["activation_factor"][name].a, first["activation_vector"][name].a,
+              layers.to_matrix(grads[name], layout))
+      directions[name] = layers.from_matrix(direction, grads[name], layout)
+    updates = transform.replace_layers(updates, directions)
 
     # Second pass on the same batch at the trial point W + αp.
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     trial = jax.tree.map(lambda p, u: (p - jnp.asarray(lr, jnp.float32) * u).astype(p.dtype),
                          params, updates)
-    second = _flat_records(curvature_fn(trial), SECOND_PASS_STATISTICS, grads, state.stats)
+    second = transform.match_layers(curvature_fn(trial),
+                                    grads, collectors.RECORDS[SECOND_PASS_STATISTICS], "K-BFGS")
     if sorted(second) != captured:
       raise ValueError(f"eva_optax: curvature_fn's statistics cover layers {sorted(second)}, "
                        f"the first pass {captured}.")
-
     for name in captured:
-      now, then = first["output_vectors"][name], second[name]
-      _check_shapes(name, then, {"y": now.y.shape, "g": now.g.shape})
-      fac = factors[name]
-      # H^g: averaged, doubly damped pair from the second pass.
-      s_new = jnp.asarray(now.y, jnp.float32) - jnp.asarray(then.y, jnp.float32)
-      y_new = jnp.asarray(now.g, jnp.float32) - jnp.asarray(then.g, jnp.float32)
-      finite = collectors.all_finite((s_new, y_new))
-      old = stats[name]
-      s = jnp.where(finite, pair_decay * old.s + (1.0 - pair_decay) * s_new, old.s)
-      y = jnp.where(finite, pair_decay * old.y + (1.0 - pair_decay) * y_new, old.y)
-      stats[name] = old._replace(s=s, y=y)
-      s_d, y_d = bfgs.double_damping(s, y, lambda v, h=fac.h_g: h_g_product(h, v),
-                                     powell_damping, sqrt_lambda)
-      g_norm = jnp.linalg.norm(jnp.asarray(now.g, jnp.float32))
-      accept = finite & bfgs.safely_positive(s_d, y_d, g_norm)
-      if limited:
-        h_g = bfgs.lbfgs_push(fac.h_g, s_d, y_d, accept)
-      else:
-        h_g = _bfgs_or_keep(fac.h_g, s_d, y_d, accept)
-      # H^a: Hessian-action BFGS towards (A + √λ I)⁻¹.
-      s_a = jnp.matmul(fac.h_a, a_bar[name], precision=_HIGHEST)
-      y_a = jnp.matmul(lm_a[name], s_a, precision=_HIGHEST)
-      accept_a = bfgs.safely_positive(s_a, y_a, jnp.linalg.norm(a_bar[name]))
-      h_a = _bfgs_or_keep(fac.h_a, s_a, y_a, accept_a)
-      factors[name] = KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32))
+      now = first["output_vectors"][name]
+      transform.check_record(name, second[name], now, jnp.shape(grads[name]["kernel"]))
+      stats[name], factors[name] = layers.over_stack(
+          learn, layouts.get(name, layers.Layout()).stacked_axes)(
+              stats[name], factors[name], now, second[name], lm_a[name], a_bar[name])
 
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
     return updates, ScaleByKBFGSState(optax.safe_increment(count), stats, factors)
@@ -313,13 +300,13 @@ def scale_by_kbfgs(
 
 
 def _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,
-                 pair_decay, powell_damping, initial_scale):
+                 pair_decay, powell_damping, initial_scale, layouts):
   return optax.chain(
       optax.add_decayed_weights(weight_decay),
       optax.ema(momentum, debias=False),
       scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, stat_decay=stat_decay,
                      pair_decay=pair_decay, powell_damping=powell_damping,
-                     initial_scale=initial_scale),
+                     initial_scale=initial_scale, layouts=layouts),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -334,6 +321,7 @@ def kbfgs(
     pair_decay: float = 0.9,
     powell_damping: float = 0.2,
     initial_scale: float = 1.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete K-BFGS optimizer (dense BFGS on H^g), in the paper's order:
   ``optax.add_decayed_weights(weight_decay)`` (L2 on the gradient) →
@@ -345,7 +333,8 @@ def kbfgs(
     damping: λ ∈ (0, 1) (paper 0.3).
     momentum: μ of the gradient's running average (paper 0.9).
     weight_decay: τ of the L2 term τ·W added to the gradient, biases included (paper 1e-5).
-    stat_decay, pair_decay, powell_damping, initial_scale: as in :func:`scale_by_kbfgs`.
+    stat_decay, pair_decay, powell_damping, initial_scale, layouts: as in
+      :func:`scale_by_kbfgs`.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -354,7 +343,7 @@ def kbfgs(
     and ``optax.inject_hyperparams``.
   """
   return _kbfgs_chain(learning_rate, damping, None, momentum, weight_decay, stat_decay,
-                      pair_decay, powell_damping, initial_scale)
+                      pair_decay, powell_damping, initial_scale, layouts)
 
 
 def kbfgs_l(
@@ -368,6 +357,7 @@ def kbfgs_l(
     pair_decay: float = 0.9,
     powell_damping: float = 0.2,
     initial_scale: float = 1.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete K-BFGS(L) optimizer: :func:`kbfgs` with L-BFGS on H^g (the last
   ``memory_size`` accepted pairs, compact representation, fixed initial matrix
@@ -376,4 +366,4 @@ def kbfgs_l(
   Args: as in :func:`kbfgs`, plus ``memory_size`` m (paper 100).
   """
   return _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,
-                      pair_decay, powell_damping, initial_scale)
+                      pair_decay, powell_damping, initial_scale, layouts)

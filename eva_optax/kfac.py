@@ -16,8 +16,7 @@ steps.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +87,9 @@ def check_inverse_options(damping, inverse_update_period, inverse: str) -> None:
     raise ValueError(f"eva_optax: inverse must be one of {INVERSE_METHODS}, got {inverse!r}.")
 
 
-def _identity_inverses(kernel, has_bias) -> KFACInverses:
-  shape = jnp.shape(kernel)
-  return KFACInverses(jnp.eye(math.prod(shape[:-1]) + has_bias, dtype=jnp.float32),
-                      jnp.eye(shape[-1], dtype=jnp.float32))
+def _identity_inverses(d_in, d_out, has_bias) -> KFACInverses:
+  return KFACInverses(jnp.eye(d_in + has_bias, dtype=jnp.float32),
+                      jnp.eye(d_out, dtype=jnp.float32))
 
 
 def scale_by_kfac(
@@ -103,6 +101,7 @@ def scale_by_kfac(
     scaling: Optional[str] = "kl_clip",
     kl_clip: float = 1e-3,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioned direction, to compose with momentum and a learning rate.
 
@@ -122,6 +121,8 @@ def scale_by_kfac(
       this step; ``"kl_normalize"``: V / √Σ⟨V, Ĝ⟩; ``None``: V itself.
     kl_clip: κ > 0 of ``"kl_clip"``.
     learning_rate: η for ``"kl_clip"`` (float or optax schedule).
+    layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
+      :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
@@ -152,7 +153,7 @@ def scale_by_kfac(
   return transform.scale_by_kronecker(
       collectors.kronecker_factors(stat_decay),
       transform.Preconditioner(_identity_inverses, update, apply),
-      transform.scaling_by_name(scaling, kl_clip, learning_rate))
+      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts)
 
 
 def kfac(
@@ -167,6 +168,7 @@ def kfac(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    layouts: Optional[Mapping] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete K-FAC optimizer: :func:`scale_by_kfac` → ``optax.add_decayed_weights`` →
   ``optax.trace(momentum, nesterov)`` → ``−learning_rate`` (the order of :func:`eva`).
@@ -174,7 +176,7 @@ def kfac(
   Args:
     learning_rate: η, float or optax schedule.
     momentum, nesterov, weight_decay: as in :func:`~eva_optax.eva`.
-    damping, stat_decay, inverse_update_period, inverse, scaling, kl_clip: as in
+    damping, stat_decay, inverse_update_period, inverse, scaling, kl_clip, layouts: as in
       :func:`scale_by_kfac`.
 
   Returns:
@@ -184,5 +186,5 @@ def kfac(
   return transform.with_momentum(
       scale_by_kfac(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,
                     inverse=inverse, scaling=scaling, kl_clip=kl_clip,
-                    learning_rate=learning_rate),
+                    learning_rate=learning_rate, layouts=layouts),
       learning_rate, momentum, nesterov, weight_decay)

@@ -1,162 +1,190 @@
-"""Layer kinds: how a Flax layer's parameters and inputs map to the 2-D matrix view.
+"""Layer kinds as matrix multiplies: the 2-D matrix view of a kernel and of a layer's input.
 
-Every supported layer is a matrix multiply in disguise, ``y = a K + b``, with ``K`` viewed as a
-``[d_in, d_out]`` matrix (DESIGN §4, Flax layout):
+Framework-neutral (no Flax import): the capture front ends describe each layer call with a
+:class:`LayerView`, the optimizers view each kernel through a :class:`Layout`.
 
-* ``nn.Dense`` / single-axis ``nn.DenseGeneral``: the kernel as it is, ``a`` the layer input.
-* ``nn.Conv`` (any number of spatial dims): the ``[*kernel_size, c_in, c_out]`` (HWIO) kernel
-  reshaped to ``[prod(kernel_size) * c_in, c_out]``, ``a`` an im2col patch ordered the same way
-  (spatial offsets major, channel minor).
+Every supported layer is a matrix multiply in disguise, ``y = a K + b`` (DESIGN §4, Flax
+layout). A kernel is ``[*stack, *inputs, *outputs]``:
 
-With a bias the gradient matrix gets the bias gradient as an extra last row,
-``Ĝ = [∇K; ∇b] ∈ ℝ^{(d_in+1)×d_out}``, and the activation statistics get a 1 appended.
+* ``stack``: the leading axes of a layer stack (``nn.scan`` over layers, ``nn.vmap``
+  ensembles) — one independent matrix, and one set of statistics, per slice;
+* ``inputs``: flattened into d_in (Dense: the input features; DenseGeneral/Einsum: the
+  contracting axes in kernel order; Conv: ``[*kernel_size, c_in]``, the im2col patch);
+* ``outputs``: flattened into d_out (Dense/Conv: the last axis; DenseGeneral: ``features``,
+  e.g. attention's ``[heads, head_dim]``).
+
+With a bias ``[*stack, *outputs]`` the gradient matrix gets the bias gradient as an extra last
+row, ``Ĝ = [∇K; ∇b] ∈ ℝ^{(d_in+1)×d_out}`` per slice, and the activation statistics a 1.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.linear import canonicalize_padding
 
 LayerName = str  # module path joined with "/", e.g. "Encoder_0/Dense_1"
-
-
-class LayerInfo(NamedTuple):
-  """Static description of one captured layer call (shapes only, no arrays).
-
-  Attributes:
-    name: module path joined with ``/``.
-    batch_size: size of the layer input's leading (batch) axis, 1 for unbatched input.
-    rows: number of rows the statistics average over (batch × sequence × output positions).
-    output_shape: shape of the layer output.
-  """
-
-  name: LayerName
-  batch_size: int
-  rows: int
-  output_shape: tuple[int, ...]
 
 
 def layer_name(path: tuple[str, ...]) -> LayerName:
   return "/".join(path)
 
 
-def is_supported(module: nn.Module) -> bool:
-  return isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Conv))
+class Layout(NamedTuple):
+  """How a kernel ``[*stack, *inputs, *outputs]`` splits into slices of ``[d_in, d_out]``.
 
-
-def check_supported(module: nn.Module, name: LayerName) -> None:
-  """Raises ``NotImplementedError`` naming the layer for configurations we cannot precondition."""
-  def fail(what: str, fix: str) -> None:
-    raise NotImplementedError(
-        f"eva_optax: layer '{name}' ({type(module).__name__}) uses {what}, which the Kronecker "
-        f"statistics do not support. {fix}")
-
-  if isinstance(module, nn.DenseGeneral):
-    axis = module.axis if isinstance(module.axis, int) else tuple(module.axis)
-    if not (axis == -1 or axis == (-1,)):
-      fail(f"contracting axes {module.axis}", "Use a single contracting axis=-1 or nn.Dense.")
-    if module.batch_dims:
-      fail(f"batch_dims={module.batch_dims}", "Use batch_dims=().")
-    if not isinstance(module.features, int) and len(module.features) != 1:
-      fail(f"several output features {module.features}",
-           "Reshape the output after an nn.Dense instead.")
-  if isinstance(module, nn.Conv):
-    if module.feature_group_count != 1:
-      fail(f"feature_group_count={module.feature_group_count} (grouped convolution)",
-           "Use feature_group_count=1.")
-    if module.mask is not None:
-      fail("a kernel mask", "Remove the mask.")
-
-
-def _spatial_tuple(value, rank: int) -> tuple[int, ...]:
-  if value is None:
-    return (1,) * rank
-  if isinstance(value, int):
-    return (value,) * rank
-  return tuple(value)
-
-
-def _kernel_size(conv: nn.Conv) -> tuple[int, ...]:
-  return (conv.kernel_size,) if isinstance(conv.kernel_size, int) else tuple(conv.kernel_size)
-
-
-def _patches(conv: nn.Conv, images: jax.Array) -> jax.Array:
-  """im2col rows ``[N · positions, d_in]`` of float32 ``images [N, *spatial, c_in]``, each row
-  ordered like the reshaped HWIO kernel (spatial offsets major, channel minor).
-
-  Zero padding counts as inputs, exactly as in the convolution.
+  Attributes:
+    stacked_axes: number of leading stack axes (0 for a plain layer; 1 for ``nn.scan`` over
+      layers or an ``nn.vmap`` ensemble with ``variable_axes={"params": 0}``).
+    output_axes: number of trailing axes flattened into d_out (1 for Dense and Conv; 2 for an
+      attention q/k/v projection ``[d, heads, head_dim]``).
   """
-  kernel_size = _kernel_size(conv)
-  rank = len(kernel_size)
-  kernel_dilation = _spatial_tuple(conv.kernel_dilation, rank)
-  padding = canonicalize_padding(conv.padding, rank)
-  if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
-    # Mirror Flax: these modes pad the input explicitly and then run a VALID convolution.
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
-    if padding == "CAUSAL":
-      pads, mode = [(dilated[0] - 1, 0)], "constant"
-    else:
-      pads = [((k - 1) // 2, k // 2) for k in dilated]
-      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
-    images = jnp.pad(images, [(0, 0)] + pads + [(0, 0)], mode=mode)
-    padding = "VALID"
-  spatial = tuple(range(1, rank + 1))
-  numbers = jax.lax.ConvDimensionNumbers(
-      lhs_spec=(0, rank + 1) + spatial, rhs_spec=tuple(range(rank + 2)),
-      out_spec=(0, rank + 1) + spatial)
-  patches = jax.lax.conv_general_dilated_patches(
-      images, kernel_size, _spatial_tuple(conv.strides, rank), padding,
-      lhs_dilation=_spatial_tuple(conv.input_dilation, rank), rhs_dilation=kernel_dilation,
-      dimension_numbers=numbers, precision=jax.lax.Precision.HIGHEST)
-  c_in = images.shape[-1]
-  # The patch features come out channel-major (c, *kernel); the kernel is (*kernel, c). Split
-  # and merge only the feature axis here: a batch-sharded array (jit with a sharded batch)
-  # cannot merge and split axes in one reshape.
-  features = patches.reshape(patches.shape[:-1] + (c_in,) + kernel_size)
-  features = jnp.moveaxis(features, patches.ndim - 1, -1).reshape(patches.shape)
-  return features.reshape(-1, patches.shape[-1])
+
+  stacked_axes: int = 0
+  output_axes: int = 1
 
 
-def _images(conv: nn.Conv, x: jax.Array) -> jax.Array:
-  """The conv input as float32 ``[N, *spatial, c_in]`` (leading batch axes flattened)."""
-  rank = len(_kernel_size(conv))
-  return x.astype(jnp.float32).reshape((-1,) + x.shape[x.ndim - rank - 1:])
+def check_layout(name: LayerName, layer: Mapping[str, jax.Array], layout: Layout) -> None:
+  """Raises ``ValueError`` when ``layer``'s kernel (and bias) cannot have ``layout``."""
+  shape = jnp.shape(layer["kernel"])
+  stack = shape[:layout.stacked_axes]
+  outputs = shape[len(shape) - layout.output_axes:]
+  if (layout.stacked_axes < 0 or layout.output_axes < 1
+      or len(shape) < layout.stacked_axes + layout.output_axes + 1):
+    raise ValueError(f"eva_optax: layer '{name}' has a kernel of shape {shape}, which cannot "
+                     f"have {layout} (it needs ≥ 1 input axis between stack and outputs).")
+  if "bias" in layer and jnp.shape(layer["bias"]) != stack + outputs:
+    raise ValueError(
+        f"eva_optax: layer '{name}': with {layout} the bias of kernel {shape} should have "
+        f"shape {stack + outputs}, got {jnp.shape(layer['bias'])}. Pass the layouts the "
+        "capture reports (layouts=capture.describe(params, *batch).layouts).")
 
 
-def _rows(module: nn.Module, x: jax.Array) -> jax.Array:
-  """The layer input as the float32 rows ``[rows, d_in]`` of its matrix multiply."""
-  if isinstance(module, nn.Conv):
-    return _patches(module, _images(module, x))
-  return x.astype(jnp.float32).reshape(-1, x.shape[-1])
+def stack_shape(layer: Mapping[str, jax.Array], layout: Layout) -> tuple[int, ...]:
+  return tuple(jnp.shape(layer["kernel"])[:layout.stacked_axes])
 
 
-def mean_input(module: nn.Module, x: jax.Array) -> jax.Array:
-  """ā: the layer input averaged over every row of the matrix multiply, float32 ``(d_in,)``.
+def matrix_shape(layer: Mapping[str, jax.Array], layout: Layout = Layout()) -> tuple[int, int]:
+  """``(d_in [+1 with bias], d_out)`` of one slice of a layer's gradient matrix Ĝ."""
+  shape = jnp.shape(layer["kernel"])[layout.stacked_axes:]
+  split = len(shape) - layout.output_axes
+  return math.prod(shape[:split]) + ("bias" in layer), math.prod(shape[split:])
 
-  For a conv, im2col is linear, so the batch mean is taken first (one image instead of B) and
-  the patch extraction runs once: O(H·W·c_in·prod(kernel_size)), far below the convolution.
+
+def to_matrix(layer: Mapping[str, jax.Array], layout: Layout = Layout()) -> jax.Array:
+  """Ĝ = [∇K; ∇b] as float32 ``[*stack, d_in (+1), d_out]``."""
+  stack = stack_shape(layer, layout)
+  d, d_out = matrix_shape(layer, layout)
+  d_in = d - ("bias" in layer)
+  matrix = layer["kernel"].reshape(stack + (d_in, d_out)).astype(jnp.float32)
+  if "bias" in layer:
+    bias = layer["bias"].reshape(stack + (1, d_out)).astype(jnp.float32)
+    matrix = jnp.concatenate([matrix, bias], axis=-2)
+  return matrix
+
+
+def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array],
+                layout: Layout = Layout()) -> dict[str, jax.Array]:
+  """Inverse of :func:`to_matrix`, casting back to each leaf's dtype."""
+  kernel = like["kernel"]
+  d_in = matrix.shape[-2] - ("bias" in like)
+  out = {"kernel": matrix[..., :d_in, :].reshape(kernel.shape).astype(kernel.dtype)}
+  if "bias" in like:
+    out["bias"] = matrix[..., d_in, :].reshape(like["bias"].shape).astype(like["bias"].dtype)
+  return out
+
+
+def over_stack(fn: Callable, stacked_axes: int, in_axes=0) -> Callable:
+  """``fn`` mapped over ``stacked_axes`` leading axes (nested ``jax.vmap``; ``fn`` itself for
+  0): one slice of a layer stack at a time, without a Python loop over slices."""
+  for _ in range(stacked_axes):
+    fn = jax.vmap(fn, in_axes=in_axes)
+  return fn
+
+
+# --- the input side ---------------------------------------------------------------------------
+
+
+class ConvSpec(NamedTuple):
+  """The geometry of an N-D convolution (Flax conventions, ``padding`` canonicalized: a string
+  or a sequence of ``(low, high)`` pairs)."""
+
+  kernel_size: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: object
+  input_dilation: tuple[int, ...]
+  kernel_dilation: tuple[int, ...]
+
+
+class LayerView(NamedTuple):
+  """How one layer call's input ``x`` and output ``y`` map to the rows of its matrix multiply.
+
+  Attributes:
+    input_perm: transpose of ``x`` that puts the contracting axes last, in kernel order
+      (``None``: already so); ignored for a conv.
+    input_axes: number of trailing (permuted) axes of ``x`` flattened into d_in; ignored for a
+      conv.
+    output_perm: transpose of ``y`` that puts the output axes last, in kernel order (``None``:
+      already so).
+    output_axes: number of trailing (permuted) axes of ``y`` flattened into d_out.
+    conv: the convolution's geometry (rows are im2col patches), ``None`` for a matmul.
+    has_bias: whether the layer adds a bias (A gets the constant-1 input).
   """
-  if isinstance(module, nn.Conv):
-    mean_image = jnp.mean(_images(module, x), axis=0, keepdims=True)
-    return jnp.mean(_patches(module, mean_image), axis=0)
-  return jnp.mean(_rows(module, x), axis=0)
+
+  input_perm: Optional[tuple[int, ...]]
+  input_axes: int
+  output_perm: Optional[tuple[int, ...]]
+  output_axes: int
+  conv: Optional[ConvSpec]
+  has_bias: bool
+
+  def batch_size(self, x: jax.Array) -> int:
+    """The size of ``x``'s leading (batch) axis, 1 when ``x`` has no axis besides the features."""
+    features = len(self.conv.kernel_size) + 1 if self.conv else self.input_axes
+    return x.shape[0] if x.ndim > features else 1
+
+  def input_rows(self, x: jax.Array) -> jax.Array:
+    """The float32 rows ``[rows, d_in]`` (examples major)."""
+    if self.conv is not None:
+      return patches(self.conv, _images(self.conv, x))
+    if self.input_perm is not None:
+      x = jnp.transpose(x, self.input_perm)
+    return x.astype(jnp.float32).reshape(-1, math.prod(x.shape[x.ndim - self.input_axes:]))
+
+  def output_rows(self, y: jax.Array) -> jax.Array:
+    """The float32 rows ``[rows, d_out]`` of an output-shaped array (the output or its
+    cotangent), rows ordered like :meth:`input_rows`."""
+    if self.output_perm is not None:
+      y = jnp.transpose(y, self.output_perm)
+    return y.astype(jnp.float32).reshape(-1, math.prod(y.shape[y.ndim - self.output_axes:]))
+
+  def mean_input(self, x: jax.Array) -> jax.Array:
+    """ā: the input averaged over every row, float32 ``(d_in,)``.
+
+    For a conv, im2col is linear, so the batch mean is taken first (one image instead of B)
+    and the patch extraction runs once: O(H·W·c_in·prod(kernel_size)), far below the conv.
+    """
+    if self.conv is not None:
+      mean_image = jnp.mean(_images(self.conv, x), axis=0, keepdims=True)
+      return jnp.mean(patches(self.conv, mean_image), axis=0)
+    return jnp.mean(self.input_rows(x), axis=0)
+
+  def input_covariance(self, x: jax.Array) -> jax.Array:
+    """A = mean over rows of a aᵀ, float32 ``[d_in (+1), d_in (+1)]`` (with a bias the input
+    gets a constant 1 appended). Cost O(rows · d_in²), the order of the layer's forward pass."""
+    return augmented_gram(self.input_rows(x), self.has_bias)
+
+  def per_example_input(self, x: jax.Array) -> jax.Array:
+    """The input averaged over each example's rows (positions), float32 ``[B, d_in]``."""
+    rows = self.input_rows(x)
+    return jnp.mean(rows.reshape(self.batch_size(x), -1, rows.shape[-1]), axis=1)
 
 
-def input_covariance(module: nn.Module, x: jax.Array) -> jax.Array:
-  """A = mean over rows of a aᵀ, float32 ``[d_in (+1), d_in (+1)]``.
-
-  Rows are every (example, sequence position, conv output position) of the matrix multiply
-  (KFC for conv: the im2col patches of the whole batch). With a bias the input gets a constant
-  1 appended, so A's last row and column are ā and 1 (the bias row of Ĝ). Cost O(rows · d_in²),
-  the order of the layer's own forward pass.
-  """
-  rows = _rows(module, x)
-  if module.use_bias:
+def augmented_gram(rows: jax.Array, has_bias: bool) -> jax.Array:
+  """mean over rows of [a; 1][a; 1]ᵀ (``has_bias``) or of a aᵀ, float32 ``[d (+1), d (+1)]``."""
+  if has_bias:
     rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
   return gram(rows) / rows.shape[0]
 
@@ -173,13 +201,45 @@ def gram(rows: jax.Array) -> jax.Array:
   return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST, out_sharding=out)
 
 
-def describe(module: nn.Module, name: LayerName, x: jax.Array, y: jax.Array) -> LayerInfo:
-  if isinstance(module, nn.Conv):
-    batched = x.ndim > len(_kernel_size(module)) + 1
-  else:
-    batched = x.ndim > 1
-  batch_size = x.shape[0] if batched else 1
-  return LayerInfo(name, batch_size, math.prod(y.shape[:-1]), tuple(y.shape))
+def _images(conv: ConvSpec, x: jax.Array) -> jax.Array:
+  """The conv input as float32 ``[N, *spatial, c_in]`` (leading batch axes flattened)."""
+  rank = len(conv.kernel_size)
+  return x.astype(jnp.float32).reshape((-1,) + x.shape[x.ndim - rank - 1:])
+
+
+def patches(conv: ConvSpec, images: jax.Array) -> jax.Array:
+  """im2col rows ``[N · positions, d_in]`` of float32 ``images [N, *spatial, c_in]``, each row
+  ordered like the reshaped HWIO kernel (spatial offsets major, channel minor).
+
+  Zero padding counts as inputs, exactly as in the convolution.
+  """
+  kernel_size, padding = conv.kernel_size, conv.padding
+  rank = len(kernel_size)
+  if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
+    # Mirror Flax: these modes pad the input explicitly and then run a VALID convolution.
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, conv.kernel_dilation)]
+    if padding == "CAUSAL":
+      pads, mode = [(dilated[0] - 1, 0)], "constant"
+    else:
+      pads = [((k - 1) // 2, k // 2) for k in dilated]
+      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
+    images = jnp.pad(images, [(0, 0)] + pads + [(0, 0)], mode=mode)
+    padding = "VALID"
+  spatial = tuple(range(1, rank + 1))
+  numbers = jax.lax.ConvDimensionNumbers(
+      lhs_spec=(0, rank + 1) + spatial, rhs_spec=tuple(range(rank + 2)),
+      out_spec=(0, rank + 1) + spatial)
+  out = jax.lax.conv_general_dilated_patches(
+      images, kernel_size, conv.strides, padding, lhs_dilation=conv.input_dilation,
+      rhs_dilation=conv.kernel_dilation, dimension_numbers=numbers,
+      precision=jax.lax.Precision.HIGHEST)
+  c_in = images.shape[-1]
+  # The patch features come out channel-major (c, *kernel); the kernel is (*kernel, c). Split
+  # and merge only the feature axis here: a batch-sharded array (jit with a sharded batch)
+  # cannot merge and split axes in one reshape.
+  features = out.reshape(out.shape[:-1] + (c_in,) + kernel_size)
+  features = jnp.moveaxis(features, out.ndim - 1, -1).reshape(out.shape)
+  return features.reshape(-1, out.shape[-1])
 
 
 # --- parameter side -------------------------------------------------------------------------
@@ -204,28 +264,3 @@ def find_layers(tree) -> dict[LayerName, dict[str, jax.Array]]:
         layer["bias"] = leaves[path[:-1] + ("bias",)]
       layers[layer_name(path[:-1])] = layer
   return layers
-
-
-def matrix_shape(layer: Mapping[str, jax.Array]) -> tuple[int, int]:
-  """``(d_in [+1 with bias], d_out)`` of a layer's gradient matrix Ĝ."""
-  shape = jnp.shape(layer["kernel"])
-  return math.prod(shape[:-1]) + ("bias" in layer), shape[-1]
-
-
-def to_matrix(layer: Mapping[str, jax.Array]) -> jax.Array:
-  """Ĝ = [∇K reshaped; ∇b] as float32 ``[d_in (+1), d_out]``."""
-  kernel = layer["kernel"]
-  matrix = kernel.reshape(-1, kernel.shape[-1]).astype(jnp.float32)
-  if "bias" in layer:
-    matrix = jnp.concatenate([matrix, layer["bias"].reshape(1, -1).astype(jnp.float32)])
-  return matrix
-
-
-def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Inverse of :func:`to_matrix`, casting back to each leaf's dtype."""
-  kernel = like["kernel"]
-  d_in = math.prod(kernel.shape[:-1])
-  out = {"kernel": matrix[:d_in].reshape(kernel.shape).astype(kernel.dtype)}
-  if "bias" in like:
-    out["bias"] = matrix[d_in].reshape(like["bias"].shape).astype(like["bias"].dtype)
-  return out

@@ -24,12 +24,13 @@ class Preconditioner(NamedTuple):
   """Per-layer preconditioning of a gradient matrix Ĝ ``[d_in (+1), d_out]``, float32.
 
   Attributes:
-    init: ``(kernel, has_bias) -> state`` — cached per-layer work (inverses, roots); ``()`` if none.
+    init: ``(d_in, d_out, has_bias) -> state`` — cached per-layer work (inverses, roots) for
+      one ``[d_in (+1), d_out]`` matrix; ``()`` if none.
     update: ``(stats, state, count) -> state`` — refresh the cache (``lax.cond`` for periodic work).
     apply: ``(stats, state, grad_matrix) -> direction`` of the same shape as Ĝ.
   """
 
-  init: Callable[[jax.Array, bool], Any]
+  init: Callable[[int, int, bool], Any]
   update: Callable[[NamedTuple, Any, jax.Array], Any]
   apply: Callable[[NamedTuple, Any, jax.Array], jax.Array]
 
@@ -39,8 +40,9 @@ class ScaleByKroneckerState(NamedTuple):
 
   Attributes:
     count: int32 scalar, number of updates so far.
-    stats: ``{layer name: statistics record}`` running statistics of every kernel-bearing layer.
-    preconditioner: ``{layer name: preconditioner state}``.
+    stats: ``{layer name: statistics record}`` running statistics of every kernel-bearing layer
+      (a layer stack's with its stack axes leading).
+    preconditioner: ``{layer name: preconditioner state}`` (likewise).
   """
 
   count: jax.Array
@@ -120,41 +122,79 @@ def scaling_by_name(scaling: Optional[str], kl_clip_value=1e-3,
   raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
 
 
-def _match(curvature, grads: Mapping, stats: Mapping, collector: collectors.Collector) -> dict:
-  """Validated ``{layer: new statistics}``; raises naming the layer for every mismatch."""
+def flat_layouts(layouts) -> dict[str, layers.Layout]:
+  """``{layer: Layout}`` from a flat or nested (params-like) mapping; ``{}`` for ``None``."""
+  return {} if layouts is None else collectors.flatten_curvature(layouts)
+
+
+def layer_shapes(layer: Mapping[str, jax.Array], name: str,
+                 layout: layers.Layout) -> tuple[tuple[int, ...], int, int, bool]:
+  """``(stack, d_in, d_out, has_bias)`` of a layer under ``layout`` (checked)."""
+  layers.check_layout(name, layer, layout)
+  d, d_out = layers.matrix_shape(layer, layout)
+  return layers.stack_shape(layer, layout), d - ("bias" in layer), d_out, "bias" in layer
+
+
+def stacked_init(init: Callable, stack: tuple[int, ...], *args):
+  """``init(*args)`` for one slice, repeated over the stack axes ``stack``."""
+  return jax.tree.map(lambda z: jnp.broadcast_to(z, stack + jnp.shape(z)), init(*args))
+
+
+def select_curvature(curvature, kind: type, who: str):
+  """The tree of ``kind`` records from a capture's output (one tree, or a dict of trees keyed
+  by statistics name); raises when ``curvature`` is missing or lacks ``kind``."""
   if curvature is None:
     raise ValueError(
-        "eva_optax: update() needs the captured statistics: call "
+        f"eva_optax: {who}'s update() needs the captured statistics: call "
         "tx.update(grads, state, params, curvature=curvature), with curvature from "
         "eva_optax.flax.value_and_grad(loss_fn, statistics=...) or built by hand (see "
         "eva_optax.collectors).")
   names = {kind: name for name, kind in collectors.RECORDS.items()}
   if isinstance(curvature, Mapping) and curvature and set(curvature) <= set(names.values()):
-    if names.get(collector.kind) not in curvature:
+    if names.get(kind) not in curvature:
       raise ValueError(
-          f"eva_optax: curvature holds {sorted(curvature)} but this optimizer needs "
-          f"'{names.get(collector.kind)}': add it to `statistics`.")
-    curvature = curvature[names[collector.kind]]
-  flat = collectors.flatten_curvature(curvature)
+          f"eva_optax: curvature holds {sorted(curvature)} but {who} needs "
+          f"'{names.get(kind)}': add it to `statistics`.")
+    curvature = curvature[names[kind]]
+  return curvature
+
+
+def match_layers(curvature, grads: Mapping, kind: type, who: str) -> dict:
+  """``{layer: record}`` of ``kind`` from ``curvature``, validated against the kernel-bearing
+  layers ``grads``: raises for an empty curvature, a layer without kernel, a wrong record."""
+  flat = collectors.flatten_curvature(select_curvature(curvature, kind, who))
+  if not flat:
+    raise ValueError(
+        f"eva_optax: curvature covers none of the parameters' kernels ({len(grads)} layers "
+        f"with kernels: {sorted(grads)[:8]}), so {who} would silently be first-order. Check "
+        "that the capture sees the model's layers (eva_optax.flax.value_and_grad(...).describe"
+        "(params, *batch)) and that `statistics` matches.")
   for name, record in flat.items():
-    if name not in grads or name not in stats:
+    if name not in grads:
       raise ValueError(
           f"eva_optax: curvature has layer '{name}' but the parameters have no "
           f"'{name}/kernel'. Pass the params collection itself (variables['params']), not the "
           f"whole variables dict; layers with kernels: {sorted(grads)}.")
-    if not isinstance(record, collector.kind):
+    if not isinstance(record, kind):
       raise TypeError(
-          f"eva_optax: curvature['{name}'] is a {type(record).__name__}, this optimizer needs "
-          f"{collector.kind.__name__}: capture with the matching `statistics`.")
-    for field, new, old in zip(record._fields, record, stats[name]):
-      if jnp.shape(new) != jnp.shape(old):
-        raise ValueError(
-            f"eva_optax: curvature['{name}'].{field} has shape {jnp.shape(new)}, the layer's "
-            f"kernel {jnp.shape(grads[name]['kernel'])} needs {jnp.shape(old)}.")
-      if not jnp.issubdtype(jnp.result_type(new), jnp.floating):
-        raise TypeError(f"eva_optax: curvature['{name}'].{field} must be floating point, got "
-                        f"{jnp.result_type(new)}.")
+          f"eva_optax: curvature['{name}'] is a {type(record).__name__}, {who} needs "
+          f"{kind.__name__}: capture with the matching `statistics`.")
   return flat
+
+
+def check_record(name: str, record, expected, kernel_shape) -> None:
+  """Raises when ``record``'s fields do not have the shapes of ``expected`` (the state's), or
+  are not floating point; the message points to ``layouts`` for multi-axis or stacked kernels."""
+  for field, new, old in zip(record._fields, record, expected):
+    if jnp.shape(new) != jnp.shape(old):
+      raise ValueError(
+          f"eva_optax: curvature['{name}'].{field} has shape {jnp.shape(new)}, the optimizer "
+          f"state for kernel {tuple(kernel_shape)} has {jnp.shape(old)}. For a layer stack or "
+          "a kernel with several output axes, build the optimizer with the capture's layouts: "
+          "eva_optax.eva(..., layouts=capture.describe(params, *batch).layouts).")
+    if not jnp.issubdtype(jnp.result_type(new), jnp.floating):
+      raise TypeError(f"eva_optax: curvature['{name}'].{field} must be floating point, got "
+                      f"{jnp.result_type(new)}.")
 
 
 def with_momentum(direction: optax.GradientTransformation,
@@ -172,13 +212,20 @@ def with_momentum(direction: optax.GradientTransformation,
 
 
 def scale_by_kronecker(collector: collectors.Collector, preconditioner: Preconditioner,
-                       scaling: Scaling) -> optax.GradientTransformationExtraArgs:
+                       scaling: Scaling,
+                       layouts: Optional[Mapping] = None) -> optax.GradientTransformationExtraArgs:
   """Preconditions each captured layer's gradient with its running statistics.
 
   Args:
     collector: which statistics are averaged per layer, and how.
     preconditioner: how one layer's float32 gradient matrix Ĝ becomes a direction.
     scaling: one factor for all captured directions (e.g. :func:`kl_normalize`).
+    layouts: ``{layer: eva_optax.layers.Layout}`` (flat ``"A/B"`` names or nested like params)
+      for kernels that are not one ``[d_in..., d_out]`` matrix: layer stacks (one matrix per
+      slice of the leading stack axes, statistics and preconditioner state stacked alike,
+      preconditioned with ``jax.vmap``) and several output axes. Layers not listed have
+      ``Layout()``: no stack, the last kernel axis is d_out. The capture reports them:
+      ``eva_optax.flax.value_and_grad(...).describe(params, *batch).layouts``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None, *,
@@ -188,39 +235,54 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     float32 and returned in each parameter's dtype.
 
   Raises:
-    ValueError / TypeError at trace time: ``curvature`` missing, naming a layer without kernel,
-    of the wrong record type, shape or dtype.
+    ValueError / TypeError at ``init``: a layout that does not fit its kernel; at trace time:
+    ``curvature`` missing, empty, naming a layer without kernel, of the wrong record type,
+    shape or dtype.
   """
+  layouts = flat_layouts(layouts)
 
   def init_fn(params):
-    found = layers.find_layers(params)
-    return ScaleByKroneckerState(
-        count=jnp.zeros((), jnp.int32),
-        stats={k: collector.init(v["kernel"], "bias" in v) for k, v in found.items()},
-        preconditioner={k: preconditioner.init(v["kernel"], "bias" in v) for k, v in found.items()})
+    stats, pstates = {}, {}
+    for name, layer in layers.find_layers(params).items():
+      stack, *shapes = layer_shapes(layer, name, layouts.get(name, layers.Layout()))
+      stats[name] = stacked_init(collector.init, stack, *shapes)
+      pstates[name] = stacked_init(preconditioner.init, stack, *shapes)
+    return ScaleByKroneckerState(jnp.zeros((), jnp.int32), stats, pstates)
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
     grads = layers.find_layers(updates)
-    captured = _match(curvature, grads, state.stats, collector)
+    captured = match_layers(curvature, grads, collector.kind, "this optimizer")
     stats, pstates = dict(state.stats), dict(state.preconditioner)
     directions, matrices = {}, {}
     for name, record in captured.items():
+      check_record(name, record, state.stats[name], jnp.shape(grads[name]["kernel"]))
+      layout = layouts.get(name, layers.Layout())
+      per_slice = lambda fn, in_axes=0: layers.over_stack(fn, layout.stacked_axes, in_axes)
       stats[name] = collector.update(state.stats[name], record, state.count)
-      layer_stats = collector.with_bias(stats[name]) if "bias" in grads[name] else stats[name]
-      pstates[name] = preconditioner.update(layer_stats, pstates[name], state.count)
-      matrices[name] = layers.to_matrix(grads[name])
-      directions[name] = preconditioner.apply(layer_stats, pstates[name], matrices[name])
-    factor = scaling(directions, matrices, state.count) if directions else 1.0
-    new_leaves = {}
-    for name, direction in directions.items():
-      for leaf, value in layers.from_matrix(factor * direction, grads[name]).items():
-        new_leaves[layers.layer_name(tuple(filter(None, (name, leaf))))] = value
-
-    def replace(path, leaf):
-      return new_leaves.get(layers.layer_name(layers.key_path_names(path)), leaf)
-
-    updates = jax.tree_util.tree_map_with_path(replace, updates)
+      layer_stats = (per_slice(collector.with_bias)(stats[name]) if "bias" in grads[name]
+                     else stats[name])
+      pstates[name] = per_slice(preconditioner.update, (0, 0, None))(
+          layer_stats, pstates[name], state.count)
+      matrices[name] = layers.to_matrix(grads[name], layout)
+      directions[name] = per_slice(preconditioner.apply)(layer_stats, pstates[name],
+                                                         matrices[name])
+    factor = scaling(directions, matrices, state.count)
+    updates = replace_layers(updates, {
+        name: layers.from_matrix(factor * direction, grads[name],
+                                 layouts.get(name, layers.Layout()))
+        for name, direction in directions.items()})
     return updates, ScaleByKroneckerState(optax.safe_increment(state.count), stats, pstates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def replace_layers(updates, new: Mapping[str, Mapping[str, jax.Array]]):
+  """``updates`` with the leaves ``new[layer][leaf]`` (``"kernel"``, ``"bias"``) replaced."""
+  leaves = {layers.layer_name(tuple(filter(None, (name, leaf)))): value
+            for name, layer in new.items() for leaf, value in layer.items()}
+
+  def replace(path, leaf):
+    return leaves.get(layers.layer_name(layers.key_path_names(path)), leaf)
+
+  return jax.tree_util.tree_map_with_path(replace, updates)

@@ -179,24 +179,25 @@ def test_has_aux_and_value_match_jax_value_and_grad():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
-class Twice(nn.Module):
+class Grouped(nn.Module):
   @nn.compact
   def __call__(self, x):
-    dense = nn.Dense(5, name="shared")
-    return dense(dense(x))
+    return nn.Conv(4, (3, 3), feature_group_count=2)(x)
 
 
-@pytest.mark.parametrize("module,error,match", [
-    (Twice(), ValueError, "'shared' is applied more than once"),
-    (nn.Conv(4, (3, 3), feature_group_count=2), NotImplementedError, "grouped convolution"),
-    (nn.DenseGeneral(3, axis=(-2, -1)), NotImplementedError, "contracting axes"),
-    (nn.DenseGeneral((2, 3)), NotImplementedError, "several output features"),
+@pytest.mark.parametrize("module,match", [
+    (Grouped(), r"'Conv_0' \(Conv\) uses .*grouped convolution"),
+    (nn.DenseGeneral(3, batch_dims=(0,)), "batch_dims"),
+    (nn.Einsum((5, 5), "bld,ld->bd"), "equation"),  # d is in input, kernel and output
+    (nn.ConvTranspose(3, (2, 2)), "transposed"),
 ])
-def test_unsupported_layers_raise_naming_the_layer(module, error, match):
-  x = jnp.ones((2, 4, 4, 4)) if isinstance(module, nn.Conv) else jnp.ones((2, 5, 5))
+def test_unsupported_layers_raise_naming_the_layer_and_exclude(module, match):
+  x = jnp.ones((2, 4, 4, 4)) if isinstance(module, (Grouped, nn.ConvTranspose)) else jnp.ones(
+      (2, 5, 5))
   params = module.init(jax.random.key(0), x)["params"]
-  with pytest.raises(error, match=match):
+  with pytest.raises(NotImplementedError, match=match) as raised:
     _capture(module, params, x)
+  assert "exclude=" in str(raised.value)
 
 
 def test_unknown_statistics_raise():

@@ -243,7 +243,8 @@ def test_missing_curvature_raises():
     ({"params": {"d": KroneckerVectors(jnp.ones(3), jnp.ones(2))}}, ValueError,
      r"variables\['params'\]"),
     ({"d": KroneckerVectors(jnp.ones(4), jnp.ones(2))}, ValueError,
-     r"curvature\['d'\].a has shape \(4,\).*needs \(3,\)"),
+     r"curvature\['d'\].a has shape \(4,\).*has \(3,\).*layouts"),
+    ({}, ValueError, "covers none of the parameters' kernels"),
     ({"d": KroneckerVectors(jnp.ones(3, jnp.int32), jnp.ones(2))}, TypeError, "floating"),
     ({"d": (jnp.ones(3), jnp.ones(2))}, TypeError, "needs KroneckerVectors"),
 ])

@@ -1,0 +1,200 @@
+"""The framework-neutral capture core: reductions, the output tap, probes and record assembly.
+
+A front end (``capture/linen.py``) finds each layer call and describes it with a
+:class:`~eva_optax.layers.LayerView`; this module does the rest (DESIGN §2):
+
+* **Probes.** Every captured layer gets a small dict of zero arrays, its *probes*, placed in the
+  ``params`` tree beside the layer's own parameters (key :data:`PROBES`). Lifted transforms
+  treat them like the layer's parameters: ``nn.scan``/``nn.vmap`` over layers slice them (one
+  set of statistics per slice), ``nn.scan`` over time and shared modules broadcast them.
+* **The tap.** Each application of a layer passes its output through an identity whose custom
+  VJP hands out, as the gradient of the probes, the forward reductions of the layer input
+  (computed in the forward pass, kept as the only residual), the backward reductions of the
+  output cotangent and a count of 1. Gradients add up over applications, so the statistics
+  leave every transform (scan, remat, vmap, jit) through its own outputs: no Python side
+  effect carries a tracer, and a layer applied R times yields the sums over its R
+  applications and R itself.
+* **Records.** :func:`records` turns the summed reductions into the per-layer statistics
+  records of :mod:`eva_optax.collectors`.
+
+Weight sharing (a layer applied R times per example, and sequence or conv positions) follows
+Eschenhagen et al., "Kronecker-Factored Approximate Curvature for Modern Neural Network
+Architectures", NeurIPS 2023, for the Kronecker factors:
+
+* ``"expand"`` (default): every (position, application) is one more row: A = mean over all rows
+  of a aᵀ, G = mean over examples of Σ_rows g gᵀ (g = B·∂L/∂y). Exact for the Fisher of a loss
+  with one term per row (language models: a loss per token), and KFC for conv layers.
+* ``"reduce"``: per example, the input is averaged and the output gradient summed over its rows
+  first, then A = mean_n ã_n ã_nᵀ, G = mean_n g̃_n g̃_nᵀ: the natural choice when the loss has one
+  term per example (classification after pooling); A and G are Grams over B examples instead
+  of over all rows, but the per-example vectors ``[B, d]`` leave the backward pass.
+
+Eva's vectors, Eva-f's ā and K-BFGS's ȳ, ḡ are the means over all applications of the
+per-application means (a layer applied R times: ā = (1/R) Σ_r ā_r, ḡ = (1/R) Σ_r ḡ_r): the
+rank-one factors of the expand setting's mean input and mean output gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from eva_optax import collectors, layers
+
+PROBES = "_eva_optax_probes"  # key of the probe dict beside each captured layer's parameters
+COUNT = "count"
+WEIGHT_SHARING = ("expand", "reduce")
+
+
+def _output_mean(view, ct, batch_size):
+  """ḡ = B × the mean over rows of ∂L/∂y, ``(d_out,)``."""
+  rows = view.output_rows(ct)
+  return jnp.sum(rows, axis=0) * (batch_size / rows.shape[0])
+
+
+def _output_factor(view, ct, batch_size):
+  """G = (1/B) Σ_rows (B·∂L/∂y)(B·∂L/∂y)ᵀ: positions summed, examples averaged."""
+  return batch_size * layers.gram(view.output_rows(ct))
+
+
+def _output_per_example(view, ct, batch_size):
+  """g̃_n = Σ over example n's rows of B·∂L/∂y, ``[B, d_out]``."""
+  rows = view.output_rows(ct)
+  return batch_size * jnp.sum(rows.reshape(batch_size, -1, rows.shape[-1]), axis=1)
+
+
+# Forward reductions: (view, x, y) -> array; backward: (view, ct, batch_size) -> array.
+FORWARD: dict[str, Callable] = {
+    "a_mean": lambda view, x, y: view.mean_input(x),
+    "a_factor": lambda view, x, y: view.input_covariance(x),
+    "a_examples": lambda view, x, y: view.per_example_input(x),
+    "y_mean": lambda view, x, y: jnp.mean(view.output_rows(y), axis=0),
+}
+BACKWARD: dict[str, Callable] = {
+    "g_mean": _output_mean,
+    "g_factor": _output_factor,
+    "g_examples": _output_per_example,
+}
+# Reductions that are sums over applications (the others are means: divided by the count).
+_SUMMED = ("g_factor", "g_examples")
+
+
+def reductions(kinds: Sequence[str], weight_sharing: str) -> tuple[str, ...]:
+  """The reductions the statistics ``kinds`` need, each once."""
+  factor = ("a_factor", "g_factor") if weight_sharing == "expand" else ("a_examples",
+                                                                          "g_examples")
+  need = {"kronecker_vectors": ("a_mean", "g_mean"), "kronecker_factors": factor,
+          "activation_factor": factor[:1], "activation_vector": ("a_mean",),
+          "output_vectors": ("y_mean", "g_mean")}
+  return tuple(dict.fromkeys(r for kind in kinds for r in need[kind]))
+
+
+def uses_output_gradients(kinds: Sequence[str], weight_sharing: str = "expand") -> bool:
+  return any(r in BACKWARD for r in reductions(kinds, weight_sharing))
+
+
+class LayerCall(NamedTuple):
+  """Static description of a captured layer (shapes only), from the capture's shape pass.
+
+  Attributes:
+    name: module path joined with ``/``.
+    view: how its input and output map to matrix rows.
+    layout: how its kernel splits into ``[d_in, d_out]`` slices (stack axes included).
+    batch_size: the leading axis of its input (1 for an unbatched input).
+    shapes: ``{reduction: shape}`` of one application's reductions (no stack axes).
+    stack: the stack axes' sizes (``()`` for a plain layer).
+  """
+
+  name: layers.LayerName
+  view: layers.LayerView
+  layout: layers.Layout
+  batch_size: int
+  shapes: dict
+  stack: tuple = ()
+
+
+def describe_call(name, view, layout, x, y, names: Sequence[str]) -> LayerCall:
+  """The :class:`LayerCall` of one application (inside a trace; only shapes are kept)."""
+  batch_size = view.batch_size(x)
+  shapes = {}
+  for r in names:
+    if r in FORWARD:
+      shapes[r] = jax.eval_shape(functools.partial(FORWARD[r], view), x, y).shape
+    else:
+      ct = jax.ShapeDtypeStruct(y.shape, jnp.float32)
+      shapes[r] = jax.eval_shape(
+          functools.partial(BACKWARD[r], view, batch_size=batch_size), ct).shape
+  return LayerCall(name, view, layout, batch_size, shapes)
+
+
+def zero_probes(call: LayerCall, names: Sequence[str]) -> dict:
+  """The probe dict of one layer: zeros for ``names`` (and the count when a forward reduction
+  is among them), with the stack axes leading."""
+  probes = {r: jnp.zeros(call.stack + call.shapes[r], jnp.float32) for r in names}
+  if any(r in FORWARD for r in names):
+    probes[COUNT] = jnp.zeros(call.stack, jnp.float32)
+  return probes
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tap(spec, y, forward, probes):
+  """Identity on ``y``. ``spec = (backward, names)``: its VJP gives ``probes`` (a dict with
+  keys ``names``) the gradient ``{count: 1, **forward, **backward(∂L/∂y)}``."""
+  del spec, forward, probes
+  return y
+
+
+def _tap_fwd(spec, y, forward, probes):
+  del spec, probes
+  return y, forward
+
+
+def _tap_bwd(spec, forward, ct):
+  backward, names = spec
+  out = dict(forward)
+  out.update(backward(ct))
+  out[COUNT] = jnp.ones((), jnp.float32)
+  return ct, jax.tree.map(jnp.zeros_like, forward), {n: out[n] for n in names}
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def tap_layer(view: layers.LayerView, x: jax.Array, y: jax.Array, probes: Mapping) -> jax.Array:
+  """``y`` routed through the tap: the reductions named in ``probes`` flow out as their
+  gradient. The forward reductions run here, in the forward pass (so no ``[B, d]`` input is
+  kept for the backward pass); the backward ones where the cotangent is formed."""
+  batch_size = view.batch_size(x)
+  forward = {r: jax.lax.stop_gradient(FORWARD[r](view, x, y)) for r in probes if r in FORWARD}
+  backward_names = tuple(r for r in probes if r in BACKWARD)
+
+  def backward(ct):
+    return {r: BACKWARD[r](view, ct, batch_size) for r in backward_names}
+
+  return _tap((backward, tuple(sorted(probes))), y, forward, dict(probes))
+
+
+def _assemble(kind: str, sums: Mapping, has_bias: bool, weight_sharing: str):
+  """One application-averaged record from one slice's reduction sums."""
+  count = jnp.maximum(sums[COUNT], 1.0) if COUNT in sums else 1.0
+  value = {r: v if r in _SUMMED else v / count for r, v in sums.items() if r != COUNT}
+  if weight_sharing == "reduce" and "a_examples" in value:
+    value["a_factor"] = layers.augmented_gram(value["a_examples"], has_bias)
+  if weight_sharing == "reduce" and "g_examples" in value:
+    value["g_factor"] = layers.gram(value["g_examples"]) / value["g_examples"].shape[0]
+  fields = {"kronecker_vectors": ("a_mean", "g_mean"),
+            "kronecker_factors": ("a_factor", "g_factor"),
+            "activation_factor": ("a_factor",), "activation_vector": ("a_mean",),
+            "output_vectors": ("y_mean", "g_mean")}[kind]
+  return collectors.RECORDS[kind](*(value[f] for f in fields))
+
+
+def records(kind: str, call: LayerCall, sums: Mapping, weight_sharing: str):
+  """The statistics record of ``kind`` for one layer from its summed reductions (the probes'
+  gradients, stack axes leading), mapped over the stack axes."""
+  def one(slice_sums):
+    return _assemble(kind, slice_sums, call.view.has_bias, weight_sharing)
+  return layers.over_stack(one, call.layout.stacked_axes)(dict(sums))
