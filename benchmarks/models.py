@@ -81,6 +81,55 @@ class CNN(nn.Module):
     return nn.Dense(10)(x)
 
 
+class TransformerBlock(nn.Module):
+  """A pre-LayerNorm causal Transformer block: self-attention and a 4×-wide GELU MLP, each in a
+  residual branch. Signature ``(carry, _) -> (carry, None)`` so that ``nn.scan`` stacks it."""
+
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    width = x.shape[-1]
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:-1], jnp.int32))
+    x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x), mask=mask)
+    hidden = nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(x)))
+    return x + nn.Dense(width)(hidden), None
+
+
+class TransformerLM(nn.Module):
+  """A character-level causal Transformer language model from stock Flax modules: token and
+  position ``nn.Embed``, ``depth`` blocks stacked with ``nn.scan`` (one stacked parameter axis)
+  and rematerialized with ``nn.remat``, a final LayerNorm and a Dense head. Input ``[B, T]``
+  int tokens, output ``[B, T, vocab]`` logits."""
+
+  vocab: int
+  width: int = 128
+  depth: int = 4
+  heads: int = 4
+  context: int = 64
+
+  @nn.compact
+  def __call__(self, tokens):
+    positions = jnp.arange(tokens.shape[-1])
+    x = nn.Embed(self.vocab, self.width)(tokens) + nn.Embed(self.context, self.width)(positions)
+    blocks = nn.scan(nn.remat(TransformerBlock), variable_axes={"params": 0},
+                     split_rngs={"params": True}, length=self.depth)
+    x, _ = blocks(self.heads, name="blocks")(x, None)
+    return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
+
+
+class LSTMClassifier(nn.Module):
+  """``nn.RNN(nn.LSTMCell)`` over a ``[B, T, d]`` sequence, then a Dense layer on the last
+  hidden state (logits)."""
+
+  hidden: int
+  classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.classes)(nn.RNN(nn.LSTMCell(self.hidden))(x)[:, -1])
+
+
 class Task(NamedTuple):
   """One benchmark problem.
 

@@ -203,3 +203,56 @@ def test_state_round_trips_through_an_orbax_checkpoint(factory, statistics, hpar
   checkpointer.wait_until_finished()
   restored = checkpointer.restore(tmp_path / "state", tx.init(params))
   _close(state, restored, rtol=0, atol=0)
+
+
+# --- models people train: every capture-based row on a Transformer LM and an LSTM --------------
+
+CAPTURE_ROWS = [pytest.param(*row[1:], id=row[0]) for row in OPTIMIZERS if row[2] is not None]
+
+
+def _sequence_problem(kind):
+  """A tiny causal Transformer LM (Embed, MHA with causal mask, LayerNorm, MLP, blocks in
+  nn.scan under nn.remat) or an nn.RNN(nn.LSTMCell) classifier, with a mean loss."""
+  from benchmarks.models import LSTMClassifier, TransformerLM
+  if kind == "transformer":
+    model = TransformerLM(vocab=11, width=16, depth=2, heads=2, context=8)
+    tokens = jax.random.randint(jax.random.key(0), (8, 9), 0, 11)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  else:
+    model = LSTMClassifier(hidden=8, classes=3)
+    inputs = jax.random.normal(jax.random.key(0), (16, 5, 4))
+    targets = (inputs[:, :, 0].sum(axis=1) > 0).astype(jnp.int32) + (inputs[:, 0, 1] > 1)
+  params = model.init(jax.random.key(1), inputs)["params"]
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  return params, loss_fn
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+@pytest.mark.parametrize("factory,statistics,hparams", CAPTURE_ROWS)
+def test_transformer_and_lstm_train_with_every_kernel_preconditioned(kind, factory, statistics,
+                                                                     hparams):
+  params, loss_fn = _sequence_problem(kind)
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
+  info = capture.describe(params)
+  tx = optax.chain(optax.clip_by_global_norm(10.0), optax.inject_hyperparams(factory)(
+      learning_rate=0.05, layouts=info.layouts, **hparams))
+  step = jax.jit(_step(tx, statistics, loss_fn))
+  state = tx.init(params)
+  p, state, first = step(params, state)
+  for _ in range(40):
+    p, state, loss = step(p, state)
+  assert float(loss) < 0.9 * float(first)
+  (_, _), curvature = capture(params)
+  rows = eva_optax.coverage(params, curvature, info)
+  kernels = [r for r in rows if r.parameter.endswith("kernel")]
+  assert kernels and all(r.preconditioned for r in kernels), [r for r in kernels
+                                                               if not r.preconditioned]
+  others = [r for r in rows if not r.parameter.endswith("kernel")]
+  assert all("nn.Embed" in r.detail for r in others), others
+  if kind == "transformer":
+    assert {info.layouts[n] for n in info.layouts if n.endswith("query")} == {
+        eva_optax.Layout(stacked_axes=1, output_axes=2)}

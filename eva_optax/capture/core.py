@@ -148,15 +148,19 @@ def _tap(spec, y, forward, probes):
 
 
 def _tap_fwd(spec, y, forward, probes):
-  del spec, probes
-  return y, forward
+  del spec
+  return y, (forward, probes.get(COUNT))
 
 
-def _tap_bwd(spec, forward, ct):
+def _tap_bwd(spec, residual, ct):
   backward, names = spec
+  forward, count = residual
   out = dict(forward)
   out.update(backward(ct))
-  out[COUNT] = jnp.ones((), jnp.float32)
+  if count is not None:
+    # 0·probe + 1 rather than a constant: under shard_map the cotangent must be device-varying
+    # like the probe itself.
+    out[COUNT] = count * 0.0 + 1.0
   return ct, jax.tree.map(jnp.zeros_like, forward), {n: out[n] for n in names}
 
 
