@@ -8,8 +8,9 @@ Captured (DESIGN §2, :mod:`eva_optax.layers` for the matrix views):
 * ``nn.Einsum`` whose equation is a matrix multiply on the kernel: ``<rows><contract>,
   <contract><out>-><rows><out>`` up to the order of the letters within each group (every
   kernel letter is contracted with the input or is an output feature, the output features
-  appear in the output in kernel order, no letter is shared by input, kernel and output, no
-  ellipsis), e.g. ``"btd,dhk->bthk"`` or ``"bthk,hkd->btd"``;
+  appear in the output in kernel order, the batch letter leads both input and output, no letter
+  is shared by input, kernel and output, no ellipsis), e.g. ``"btd,dhk->bthk"`` or
+  ``"bthk,hkd->btd"``;
 * ``nn.Conv`` of any spatial rank, padding mode, strides and dilations (grouped or masked
   convolutions raise; ``nn.ConvTranspose`` and ``nn.ConvLocal`` raise);
 * ``nn.Embed`` (lookup and ``attend``) is passed through on purpose: a lookup's input is a
@@ -108,11 +109,12 @@ def _einsum_view(module, name, x, equation: str) -> layers.LayerView:
             and contract and len(set(lhs)) == len(lhs) == len(rows) + len(contract)
             and len(out) == len(rows) + len(features)
             and [c for c in out if c in features] == features
-            and (not rows or lhs[0] == rows[0]))
+            and (not rows or lhs[0] == rows[0] == out[0]))
   if not ok:
     _fail(name, module, f"the equation {equation!r}",
           "Supported: '<rows><contract>,<contract><out>-><rows><out>' (letters in any order "
-          "within a group, output features in kernel order, batch first, no ellipsis).")
+          "within a group, output features in kernel order, the batch letter first in input "
+          "and output, no ellipsis).")
   view = _matmul_view(x, tuple(lhs.index(c) for c in contract), len(features), module.use_bias)
   perm = tuple(out.index(c) for c in rows + features)
   return view._replace(output_perm=None if perm == tuple(range(len(out))) else perm)
