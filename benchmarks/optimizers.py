@@ -144,9 +144,12 @@ def make_kwargs(config: RunConfig, task: str) -> dict[str, Any]:
   return {**signature, **_given_kwargs(config, task)}
 
 
-def make(config: RunConfig, task: str, learning_rate):
-  """The run's optimizer on ``task`` with ``learning_rate`` (a float or an optax schedule)."""
-  return OPTIMIZERS[config.name].make(learning_rate, **_given_kwargs(config, task))
+def make(config: RunConfig, task: str, learning_rate, layouts=None):
+  """The run's optimizer on ``task`` with ``learning_rate`` (a float or an optax schedule);
+  capture-based optimizers also get the model's ``layouts`` (``CaptureInfo.layouts``)."""
+  spec = OPTIMIZERS[config.name]
+  extra = {"layouts": layouts} if spec.statistics is not None and layouts else {}
+  return spec.make(learning_rate, **_given_kwargs(config, task), **extra)
 
 
 def learning_rate(config: RunConfig, task: str) -> float:

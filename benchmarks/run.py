@@ -87,12 +87,19 @@ def main(argv=None) -> dict:
     # The initial parameters are shared, so their evaluation is too.
     first_eval = {"train_loss": task.eval_loss(params, *eval_set),
                   "metric": task.metric(params, data.x_test, data.y_test)}
-    finals = {}
+    finals, layouts = {}, None
+    if any(optimizers.OPTIMIZERS[c.name].statistics is not None for c in configs):
+      batch = orders[0][:batch_size]
+      info, coverage = train.capture_info(task, params, data.x_train[batch],
+                                          data.y_train[batch])
+      layouts = info.layouts
+      if seed == seeds[0]:
+        print(f"{task.name}: what the capture-based optimizers precondition\n{coverage}\n")
     for config in configs:
       spec, run = optimizers.OPTIMIZERS[config.name], runs[config.label]
       lr = run["lr"]
       schedule = optax.cosine_decay_schedule(lr, total_steps) if args.schedule == "cosine" else lr
-      tx = optimizers.make(config, task.name, schedule)
+      tx = optimizers.make(config, task.name, schedule, layouts)
       result, final_params, state, step = train.train(
           task, data, tx, spec.statistics, params, orders, batch_size, total_steps, eval_set,
           first_eval, desc=f"{config.label} seed {seed}")
