@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     finals, layouts = {}, None
     if any(optimizers.OPTIMIZERS[c.name].statistics is not None for c in configs):
       batch = orders[0][:batch_size]
-      info, coverage = train.capture_info(task, params, data.x_train[batch],
+      info, coverage = train.capture_info(train.loss_fn(task), params, data.x_train[batch],
                                           data.y_train[batch])
       layouts = info.layouts
       if seed == seeds[0]:

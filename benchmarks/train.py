@@ -53,10 +53,10 @@ def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: O
   return step
 
 
-def capture_info(task: models.Task, params, x: np.ndarray, y: np.ndarray):
-  """``(CaptureInfo, coverage report text)`` of the task's model on one batch: the layouts the
-  capture-based optimizers need and which parameters they precondition."""
-  capture = eva_optax.flax.value_and_grad(loss_fn(task), statistics="kronecker_vectors")
+def capture_info(loss, params, x: np.ndarray, y: np.ndarray):
+  """``(CaptureInfo, coverage report text)`` of ``loss(params, x, y)`` on one batch: the
+  layouts the capture-based optimizers need and which parameters they precondition."""
+  capture = eva_optax.flax.value_and_grad(loss, statistics="kronecker_vectors")
   info = capture.describe(params, x, y)
   _, curvature = jax.jit(capture)(params, x, y)
   return info, eva_optax.coverage_report(params, curvature, info)

@@ -185,3 +185,19 @@ def test_real_mnist(mnist_dir):
   assert np.bincount(data.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
                                                1009]
   assert abs(data.x_train.mean() - 0.1307) < 1e-3
+
+
+def test_transformer_step_benchmark_runs_and_reports_every_layer_kind(tmp_path):
+  from benchmarks import transformer_step
+  (tmp_path / "tinyshakespeare").mkdir()
+  (tmp_path / "tinyshakespeare" / "input.txt").write_text("to be, or not to be:\n" * 50)
+  results = transformer_step.main([
+      "--data-dir", str(tmp_path), "--batch", "4", "--context", "8", "--width", "16",
+      "--depth", "2", "--heads", "2", "--train-steps", "3", "--rounds", "2",
+      "--optimizers", "adamw,eva,kbfgs_l", "--out", str(tmp_path / "out.json")])
+  assert {"adamw", "eva", "kbfgs_l"} <= set(results)
+  assert all(math.isfinite(results[k]["median_step_s"]) for k in ("adamw", "eva", "kbfgs_l"))
+  layers = results["eva"]["diagnostics"]
+  assert any(name.endswith("key") for name in layers) and "head" in layers
+  assert results["capture_overhead"]["capture"] > 0
+  assert json.loads((tmp_path / "out.json").read_text())["eva"]["diagnostics"] == layers
