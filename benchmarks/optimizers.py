@@ -41,7 +41,8 @@ class OptimizerSpec(NamedTuple):
 def _eva_diagnostics(grads, opt_state, kwargs):
   return eva_optax.eva_diagnostics(
       grads, optax.tree_utils.tree_get(opt_state, "stats"), damping=kwargs["damping"],
-      damping_mode=kwargs["damping_mode"], relative_damping=kwargs["relative_damping"])
+      damping_mode=kwargs["damping_mode"], relative_damping=kwargs["relative_damping"],
+      layouts=kwargs.get("layouts"))
 
 
 def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn) -> dict[str, float]:

@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         batch = orders[0][:batch_size]
         result["diagnostics"] = train.diagnostics(
             task, final_params, state, data.x_train[batch], data.y_train[batch],
-            spec.diagnostics, run["kwargs"])
+            spec.diagnostics, {**run["kwargs"], "layouts": layouts})
       run["seeds"].append({"seed": seed, **result})
     if args.timing_rounds and seed == seeds[0]:
       batch = orders[0][:batch_size]

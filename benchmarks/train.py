@@ -164,7 +164,8 @@ def time_interleaved(runs: dict, x: np.ndarray, y: np.ndarray, rounds: int) -> d
 def diagnostics(task: models.Task, params, state, x: np.ndarray, y: np.ndarray,
                 diagnose, kwargs: dict) -> dict[str, dict[str, float]]:
   """``diagnose(grads, state, kwargs)`` (a registry entry's ``diagnostics``) for the final state,
-  with the gradient of the batch ``(x, y)``, as Python floats."""
+  with the gradient of the batch ``(x, y)``, as Python floats (the mean over a layer stack's
+  slices)."""
   grads = jax.jit(jax.grad(loss_fn(task)))(params, x, y)
-  return {layer: {key: float(value) for key, value in values.items()}
+  return {layer: {key: float(np.mean(value)) for key, value in values.items()}
           for layer, values in diagnose(grads, state, kwargs).items()}

@@ -82,14 +82,21 @@ BACKWARD: dict[str, Callable] = {
 _SUMMED = ("g_factor", "g_examples")
 
 
+# The record fields of each statistics kind, by the reduction that gives them ("a_factor" and
+# "g_factor" come from the per-example reductions in the reduce setting).
+_FIELDS = {"kronecker_vectors": ("a_mean", "g_mean"),
+           "kronecker_factors": ("a_factor", "g_factor"),
+           "activation_factor": ("a_factor",), "activation_vector": ("a_mean",),
+           "output_vectors": ("y_mean", "g_mean")}
+_PER_EXAMPLE = {"a_factor": "a_examples", "g_factor": "g_examples"}
+
+
 def reductions(kinds: Sequence[str], weight_sharing: str) -> tuple[str, ...]:
   """The reductions the statistics ``kinds`` need, each once."""
-  factor = ("a_factor", "g_factor") if weight_sharing == "expand" else ("a_examples",
-                                                                          "g_examples")
-  need = {"kronecker_vectors": ("a_mean", "g_mean"), "kronecker_factors": factor,
-          "activation_factor": factor[:1], "activation_vector": ("a_mean",),
-          "output_vectors": ("y_mean", "g_mean")}
-  return tuple(dict.fromkeys(r for kind in kinds for r in need[kind]))
+  names = (f for kind in kinds for f in _FIELDS[kind])
+  if weight_sharing == "reduce":
+    names = (_PER_EXAMPLE.get(f, f) for f in names)
+  return tuple(dict.fromkeys(names))
 
 
 def uses_output_gradients(kinds: Sequence[str], weight_sharing: str = "expand") -> bool:
@@ -189,11 +196,7 @@ def _assemble(kind: str, sums: Mapping, has_bias: bool, weight_sharing: str):
     value["a_factor"] = layers.augmented_gram(value["a_examples"], has_bias)
   if weight_sharing == "reduce" and "g_examples" in value:
     value["g_factor"] = layers.gram(value["g_examples"]) / value["g_examples"].shape[0]
-  fields = {"kronecker_vectors": ("a_mean", "g_mean"),
-            "kronecker_factors": ("a_factor", "g_factor"),
-            "activation_factor": ("a_factor",), "activation_vector": ("a_mean",),
-            "output_vectors": ("y_mean", "g_mean")}[kind]
-  return collectors.RECORDS[kind](*(value[f] for f in fields))
+  return collectors.RECORDS[kind](*(value[f] for f in _FIELDS[kind]))
 
 
 def records(kind: str, call: LayerCall, sums: Mapping, weight_sharing: str):
