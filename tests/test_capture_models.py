@@ -235,13 +235,23 @@ DIRECTION_ROWS = [pytest.param(*row, damping, id=f"{row[0]}-{label}") for row in
                   if row[0] != "kbfgs" or damping > 1e-2]
 
 
+def _thrice_problem():
+  x = jax.random.normal(jax.random.key(2), (4, 3, 5))
+  model = Thrice()
+  return model, model.init(jax.random.key(3), x)["params"], x
+
+
+@pytest.mark.parametrize("problem,checked", [
+    (_attention_problem, ("attn/query", "attn/out")), (_thrice_problem, ("shared",))],
+    ids=["attention", "applied_three_times"])
 @pytest.mark.parametrize("name,statistics,make,damping", DIRECTION_ROWS)
-def test_attention_directions_match_dense_kronecker_solves(name, statistics, make, damping):
-  model, params, x = _attention_problem()
+def test_directions_match_dense_kronecker_solves(name, statistics, make, damping, problem,
+                                                 checked):
+  model, params, x = problem()
   loss_fn = lambda p, x: _loss(model.apply({"params": p}, x))
   capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
-  assert capture.describe(params, x).layouts == {**LAYOUTS, "attn/out": eva_optax.Layout(0, 1),
-                                                 "head": eva_optax.Layout(0, 1)}
+  layouts = capture.describe(params, x).layouts
+  assert all(layouts[n] == LAYOUTS.get(n, eva_optax.Layout()) for n in layouts)
   (_, grads), curvature = capture(params, x)
   tx = make(damping)
   extra = ({"curvature_fn": eva_optax.flax.curvature_fn(loss_fn, x)} if name == "kbfgs" else {})
@@ -250,7 +260,7 @@ def test_attention_directions_match_dense_kronecker_solves(name, statistics, mak
   records = eva_optax.collectors.flatten_curvature(
       curvature[record_kind] if isinstance(statistics, tuple) else curvature)
   found, got = layers.find_layers(grads), layers.find_layers(updates)
-  for layer in ("attn/query", "attn/out"):
+  for layer in checked:
     layout = LAYOUTS.get(layer, eva_optax.Layout())
     matrix = np.asarray(layers.to_matrix(found[layer], layout), np.float64)
     want = _dense_direction(name, records[layer], matrix, damping)
