@@ -23,32 +23,38 @@ def loss_fn(task: models.Task):
 
 
 def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: Optional[str]):
-  """Jitted ``(params, state, x, y) -> (params, state, loss)``.
-
-  First-order optimizers take plain gradients; second-order ones also get the per-layer
-  statistics captured in the same forward/backward pass as ``curvature``. A peer that is not an
-  optax transformation (e.g. :mod:`benchmarks.kfac_jax_peer`) supplies its own ``make_step``.
-  """
+  """Jitted ``(params, state, x, y) -> (params, state, loss)`` for the task's loss (see
+  :func:`loss_step`). A peer that is not an optax transformation (e.g.
+  :mod:`benchmarks.kfac_jax_peer`) supplies its own ``make_step``."""
   if hasattr(tx, "make_step"):
     return tx.make_step(task)
+  return loss_step(loss_fn(task), tx, statistics)
+
+
+def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str]):
+  """Jitted ``(params, state, x, y) -> (params, state, loss)`` for ``loss(params, x, y)``.
+
+  First-order optimizers take plain gradients; second-order ones also get the per-layer
+  statistics captured in the same forward/backward pass as ``curvature``.
+  """
   if statistics is None:
-    grad_fn = jax.value_and_grad(loss_fn(task))
+    grad_fn = jax.value_and_grad(loss)
   else:
-    capture = eva_optax.flax.value_and_grad(loss_fn(task), statistics=statistics)
+    capture = eva_optax.flax.value_and_grad(loss, statistics=statistics)
 
   @jax.jit
   def step(params, state, x, y):
     if statistics is None:
-      loss, grads = grad_fn(params, x, y)
+      value, grads = grad_fn(params, x, y)
       updates, state = tx.update(grads, state, params)
     else:
-      (loss, grads), curvature = capture(params, x, y)
+      (value, grads), curvature = capture(params, x, y)
       # The same statistics at trial parameters on this batch: K-BFGS's second pass calls it,
       # the other optimizers ignore it (so it is never traced for them).
-      second_pass = eva_optax.flax.curvature_fn(loss_fn(task), x, y, statistics=statistics)
+      second_pass = eva_optax.flax.curvature_fn(loss, x, y, statistics=statistics)
       updates, state = tx.update(grads, state, params, curvature=curvature,
                                  curvature_fn=second_pass)
-    return optax.apply_updates(params, updates), state, loss
+    return optax.apply_updates(params, updates), state, value
 
   return step
 

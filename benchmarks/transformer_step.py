@@ -73,25 +73,6 @@ def lm_loss(model):
   return loss_fn
 
 
-def make_step(loss_fn, tx, statistics):
-  capture = (jax.value_and_grad(loss_fn) if statistics is None
-             else eva_optax.flax.value_and_grad(loss_fn, statistics=statistics))
-
-  @jax.jit
-  def step(params, state, x, y):
-    if statistics is None:
-      loss, grads = capture(params, x, y)
-      updates, state = tx.update(grads, state, params)
-    else:
-      (loss, grads), curvature = capture(params, x, y)
-      updates, state = tx.update(grads, state, params, curvature=curvature,
-                                 curvature_fn=eva_optax.flax.curvature_fn(
-                                     loss_fn, x, y, statistics=statistics))
-    return optax.apply_updates(params, updates), state, loss
-
-  return step
-
-
 def eva_layer_kinds(diagnostics: dict, stats: dict) -> dict:
   """Per layer: ‖ḡ‖ (min over stack slices), signal/damping and removed fraction (means)."""
   out = {}
@@ -135,7 +116,7 @@ def main(argv=None) -> dict:
       tx = factory(lr, info.layouts)
     else:
       tx, statistics = FIRST_ORDER[name](), None
-    step = make_step(loss_fn, tx, statistics)
+    step = train.loss_step(loss_fn, tx, statistics)
     state = tx.init(params)
     start = time.perf_counter()
     step = step.lower(params, state, x, y).compile()
