@@ -150,6 +150,39 @@ def test_a_layer_applied_three_times_accumulates_over_its_applications(weight_sh
   _check_statistics(model, params, x, {"shared": ((2,), 1), "head": ((2,), 1)}, weight_sharing)
 
 
+class Cell(nn.Module):
+  @nn.compact
+  def __call__(self, h, _=None):
+    return jnp.tanh(nn.Dense(5, name="shared")(h)), None
+
+
+class ScanOverTime(nn.Module):
+  """Thrice's recurrence as nn.scan over time with broadcast (shared) parameters."""
+
+  @nn.compact
+  def __call__(self, x):
+    h, _ = nn.scan(Cell, variable_broadcast="params", split_rngs={"params": False},
+                   length=3)(name="cell")(x, None)
+    return nn.Dense(3, name="head")(h)
+
+
+@pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
+def test_scan_over_time_with_shared_parameters_equals_the_python_loop(weight_sharing):
+  x = jax.random.normal(jax.random.key(2), (4, 3, 5))
+  model = ScanOverTime()
+  params = model.init(jax.random.key(3), x)["params"]
+  kinds = ("kronecker_vectors", "kronecker_factors", "output_vectors")
+  capture = lambda m: eva_optax.flax.value_and_grad(
+      lambda p: _loss(m.apply({"params": p}, x)), statistics=kinds, weight_sharing=weight_sharing)
+  assert capture(model).describe(params).layouts["cell/shared"] == eva_optax.Layout(0, 1)
+  (_, _), got = jax.jit(capture(model))(params)
+  loop_params = {"shared": params["cell"]["shared"], "head": params["head"]}
+  (_, _), want = capture(Thrice())(loop_params)
+  for kind in kinds:
+    for g, w in zip(got[kind]["cell"]["shared"], want[kind]["shared"], strict=True):
+      np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+
+
 class EinsumModel(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, T, 6]
