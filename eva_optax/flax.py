@@ -10,11 +10,39 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
+import optax
+from flax.training import train_state
+
 from eva_optax.capture.linen import (DISTRIBUTIONS, STATISTICS, Capture, CaptureInfo,
                                      SampledFisher)
 
 __all__ = ["DISTRIBUTIONS", "STATISTICS", "Capture", "CaptureInfo", "SampledFisher",
-           "curvature_fn", "value_and_grad"]
+           "TrainState", "curvature_fn", "value_and_grad"]
+
+
+class TrainState(train_state.TrainState):
+  """``flax.training.train_state.TrainState`` whose ``apply_gradients`` also hands the captured
+  statistics to the optimizer.
+
+  ``state.apply_gradients(grads=grads, curvature=curvature)`` calls
+  ``tx.update(grads, opt_state, params, curvature=curvature)`` (and ``curvature_fn=`` for
+  K-BFGS), then ``optax.apply_updates``, increments ``step`` and ``.replace``-es the remaining
+  keyword arguments (e.g. ``batch_stats``), as Flax's does. Build it with
+  ``TrainState.create(apply_fn=model.apply, params=params, tx=tx)``.
+  """
+
+  def apply_gradients(self, *, grads, curvature=None, curvature_fn=None, **kwargs):
+    """Args: ``grads`` shaped like ``params``; ``curvature``, ``curvature_fn``: passed to
+    ``tx.update`` when given; ``kwargs``: fields to replace. Returns the updated state."""
+    if train_state.OVERWRITE_WITH_GRADIENT in grads:
+      raise NotImplementedError(
+          "eva_optax.flax.TrainState: params with an overwrite-with-gradient collection (fp8 "
+          "training) are not supported; optimize the 'params' collection alone.")
+    extra = {k: v for k, v in (("curvature", curvature), ("curvature_fn", curvature_fn))
+             if v is not None}
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **kwargs)
 
 
 def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],

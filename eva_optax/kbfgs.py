@@ -178,6 +178,9 @@ def scale_by_kbfgs(
     if limited and size is None:
       raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
                        "static_args=('memory_size',).")
+    if transform.opaque(params):
+      return ScaleByKBFGSState(jnp.zeros((), jnp.int32), transform.PerLayer(),
+                               transform.PerLayer())
     stats, factors = {}, {}
     for name, layer in layers.find_layers(params).items():
       stack, d_in, d_out, has_bias = transform.layer_shapes(
@@ -234,9 +237,9 @@ def scale_by_kbfgs(
     return (old._replace(s=s, y=y),
             KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32)))
 
-  def first_pass(curvature, grads, state):
-    first = {kind: transform.match_layers(curvature, grads, collectors.RECORDS[kind], "K-BFGS")
-             for kind in KBFGS_STATISTICS}
+  def first_pass(curvature, grads, state, masked):
+    first = {kind: transform.match_layers(curvature, grads, collectors.RECORDS[kind], "K-BFGS",
+                                          masked) for kind in KBFGS_STATISTICS}
     captured = sorted(first["activation_factor"])
     for kind in KBFGS_STATISTICS[1:]:
       if sorted(first[kind]) != captured:
@@ -261,9 +264,16 @@ def scale_by_kbfgs(
           "tx.update(grads, state, params, curvature=curvature, "
           "curvature_fn=eva_optax.flax.curvature_fn(loss_fn, *batch)), with curvature from "
           "eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS).")
+    if any(isinstance(leaf, optax.MaskedNode) for leaf in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+      raise NotImplementedError(
+          "eva_optax: K-BFGS's second pass evaluates the model at trial parameters, so it needs "
+          "all of them; it cannot run inside optax.multi_transform/partition/masked. Use it on "
+          "the whole model (other optimizers can be partitioned).")
     grads = layers.find_layers(updates)
     count = state.count
-    first, captured = first_pass(curvature, grads, state)
+    masked = transform.masked_layers(updates)
+    first, captured = first_pass(curvature, grads, state, masked)
     stats, factors = dict(state.stats), dict(state.preconditioner)
     directions, lm_a, a_bar = {}, {}, {}
     for name in captured:
@@ -281,8 +291,8 @@ def scale_by_kbfgs(
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     trial = jax.tree.map(lambda p, u: (p - jnp.asarray(lr, jnp.float32) * u).astype(p.dtype),
                          params, updates)
-    second = transform.match_layers(curvature_fn(trial),
-                                    grads, collectors.RECORDS[SECOND_PASS_STATISTICS], "K-BFGS")
+    second = transform.match_layers(curvature_fn(trial), grads,
+                                    collectors.RECORDS[SECOND_PASS_STATISTICS], "K-BFGS", masked)
     if sorted(second) != captured:
       raise ValueError(f"eva_optax: curvature_fn's statistics cover layers {sorted(second)}, "
                        f"the first pass {captured}.")

@@ -122,6 +122,23 @@ def scaling_by_name(scaling: Optional[str], kl_clip_value=1e-3,
   raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
 
 
+class PerLayer:
+  """Stands for the per-layer state in ``init``'s answer to an opaque ``params`` (see
+  :func:`opaque`): a single leaf, so the real per-layer dicts are not taken for params."""
+
+  def __repr__(self):
+    return "PerLayer()"
+
+
+def opaque(params) -> bool:
+  """Whether ``params`` is an opaque node without arrays rather than a parameter tree:
+  ``optax.tree_utils.tree_map_params`` calls ``init`` with such a placeholder to find which
+  parts of the state are shaped like the params. The per-layer statistics are keyed by layer,
+  not shaped like the params, so ``init`` answers :class:`PerLayer` for them (``map_params``
+  then leaves them to ``transform_non_params``)."""
+  return not isinstance(params, Mapping) and not jax.tree.leaves(params)
+
+
 def flat_layouts(layouts) -> dict[str, layers.Layout]:
   """``{layer: Layout}`` from a flat or nested (params-like) mapping; ``{}`` for ``None``."""
   return {} if layouts is None else collectors.flatten_curvature(layouts)
@@ -159,10 +176,22 @@ def select_curvature(curvature, kind: type, who: str):
   return curvature
 
 
-def match_layers(curvature, grads: Mapping, kind: type, who: str) -> dict:
+def masked_layers(updates) -> set[str]:
+  """Layers whose kernel is an ``optax.MaskedNode`` in ``updates``: owned by another inner
+  optimizer of ``optax.multi_transform``/``optax.partition``/``optax.masked``."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+  return {layers.layer_name(layers.key_path_names(path)[:-1]) for path, leaf in flat
+          if isinstance(leaf, optax.MaskedNode) and layers.key_path_names(path)[-1] == "kernel"}
+
+
+def match_layers(curvature, grads: Mapping, kind: type, who: str,
+                 masked: frozenset = frozenset()) -> dict:
   """``{layer: record}`` of ``kind`` from ``curvature``, validated against the kernel-bearing
-  layers ``grads``: raises for an empty curvature, a layer without kernel, a wrong record."""
+  layers ``grads``: raises for an empty curvature, a layer without kernel, a wrong record.
+  Layers in ``masked`` (another partition's, see :func:`masked_layers`) are dropped."""
   flat = collectors.flatten_curvature(select_curvature(curvature, kind, who))
+  flat = {name: record for name, record in flat.items() if name not in masked}
   if not flat:
     raise ValueError(
         f"eva_optax: curvature covers none of the parameters' kernels ({len(grads)} layers "
@@ -242,6 +271,8 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
   layouts = flat_layouts(layouts)
 
   def init_fn(params):
+    if opaque(params):
+      return ScaleByKroneckerState(jnp.zeros((), jnp.int32), PerLayer(), PerLayer())
     stats, pstates = {}, {}
     for name, layer in layers.find_layers(params).items():
       stack, *shapes = layer_shapes(layer, name, layouts.get(name, layers.Layout()))
@@ -252,7 +283,8 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
     grads = layers.find_layers(updates)
-    captured = match_layers(curvature, grads, collector.kind, "this optimizer")
+    captured = match_layers(curvature, grads, collector.kind, "this optimizer",
+                            masked_layers(updates))
     stats, pstates = dict(state.stats), dict(state.preconditioner)
     directions, matrices = {}, {}
     for name, record in captured.items():

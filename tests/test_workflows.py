@@ -1,0 +1,116 @@
+"""The optax and Flax workflows people already use: TrainState, partitioned optimizers,
+``optax.tree.map_params``."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eva_optax
+from test_common import OPTIMIZERS, ROWS, _problem, _step, capture_fn, second_pass
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+def test_train_state_apply_gradients_equals_the_manual_update_loop(factory, statistics, hparams):
+  params, loss_fn = _problem()
+  tx = factory(0.05, **hparams)
+  capture = capture_fn(loss_fn, statistics)
+
+  @jax.jit
+  def train_state_step(state):
+    (loss, grads), curvature = capture(state.params)
+    return state.apply_gradients(grads=grads, curvature=curvature,
+                                 **second_pass(loss_fn, statistics))
+
+  state = eva_optax.flax.TrainState.create(apply_fn=None, params=params, tx=tx)
+  manual = (params, tx.init(params))
+  step = jax.jit(_step(tx, statistics, loss_fn))
+  for _ in range(3):
+    state = train_state_step(state)
+    manual = step(*manual)[:2]
+  assert int(state.step) == 3
+  for got, want in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves(manual),
+                       strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+def test_map_params_round_trips_every_state(factory, statistics, hparams):
+  params, _ = _problem()
+  tx = factory(0.05, **hparams)
+  state = tx.init(params)
+  cast = optax.tree.map_params(tx, lambda v: v.astype(jnp.bfloat16), state)
+  back = optax.tree.map_params(tx, lambda v: v.astype(jnp.float32), cast)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+    assert got.dtype == want.dtype and got.shape == want.shape
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(8, name="body")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+PARTITIONED = [row for row in OPTIMIZERS if row[2] is not None and not row[0].startswith("kbfgs")]
+
+
+@pytest.mark.parametrize("factory,statistics,hparams",
+                         [pytest.param(*row[1:], id=row[0]) for row in PARTITIONED])
+def test_multi_transform_uses_the_curvature_of_the_layers_it_owns(factory, statistics, hparams):
+  """Eva (etc.) on the body, Adam on the head, from one capture of the whole model: equal to
+  each optimizer alone on its part."""
+  x = jax.random.normal(jax.random.key(0), (16, 5))
+  labels = jax.random.randint(jax.random.key(1), (16,), 0, 3)
+  model = Net()
+  params = model.init(jax.random.key(2), x)["params"]
+  loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), labels).mean()
+  partition = {"body": jax.tree.map(lambda _: "second", params["body"]),
+               "head": jax.tree.map(lambda _: "adam", params["head"])}
+  second, adam = factory(0.05, **hparams), optax.adam(1e-2)
+  tx = optax.multi_transform({"second": second, "adam": adam}, partition)
+  (_, grads), curvature = capture_fn(loss_fn, statistics)(params)
+  updates, _ = jax.jit(lambda g, s: tx.update(g, s, params, curvature=curvature))(
+      grads, tx.init(params))
+  alone, _ = second.update({"body": grads["body"]}, second.init({"body": params["body"]}),
+                           {"body": params["body"]},
+                           curvature=_only(curvature, "body"))
+  head, _ = adam.update(grads["head"], adam.init(params["head"]))
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(
+      {"body": alone["body"], "head": head}), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+  # A layer that exists nowhere in the params is still an error.
+  stray = jax.tree.map(lambda v: v, curvature)
+  _only_tree(stray)["nowhere"] = _only_tree(stray)["body"]
+  with pytest.raises(ValueError, match="'nowhere'"):
+    tx.update(grads, tx.init(params), params, curvature=stray)
+
+
+def _only_tree(curvature):
+  """The single statistics tree of ``curvature`` (a dict of trees for several kinds)."""
+  return curvature if "body" in curvature else next(iter(curvature.values()))
+
+
+def _only(curvature, layer):
+  if "body" in curvature:
+    return {layer: curvature[layer]}
+  return {kind: {layer: tree[layer]} for kind, tree in curvature.items()}
+
+
+def test_kbfgs_inside_multi_transform_raises_clearly():
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  model = Net()
+  params = model.init(jax.random.key(2), x)["params"]
+  loss_fn = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
+  partition = {"body": jax.tree.map(lambda _: "kbfgs", params["body"]),
+               "head": jax.tree.map(lambda _: "sgd", params["head"])}
+  tx = optax.multi_transform({"kbfgs": eva_optax.kbfgs(0.1), "sgd": optax.sgd(0.1)}, partition)
+  (_, grads), curvature = eva_optax.flax.value_and_grad(
+      loss_fn, statistics=eva_optax.KBFGS_STATISTICS)(params)
+  with pytest.raises(NotImplementedError, match="multi_transform"):
+    tx.update(grads, tx.init(params), params, curvature=curvature,
+              curvature_fn=eva_optax.flax.curvature_fn(loss_fn))
