@@ -250,12 +250,24 @@ def key_path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
+def _dict_path(path) -> Optional[tuple]:
+  """The dict keys of ``path``, ignoring a trailing ``.value`` (a Flax NNX ``Variable`` around
+  the array, as in ``nnx.state(model, nnx.Param)``); ``None`` for any other kind of path."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  if all(isinstance(k, jax.tree_util.DictKey) for k in path):
+    return key_path_names(path)
+  return None
+
+
 def find_layers(tree) -> dict[LayerName, dict[str, jax.Array]]:
-  """Maps every parameter dict holding a ``kernel`` of rank ≥ 2 to its ``kernel``/``bias`` leaves."""
+  """Maps every parameter dict holding a ``kernel`` of rank ≥ 2 to its ``kernel``/``bias`` leaves
+  (plain arrays, or Flax NNX ``Variable``-wrapped ones: their arrays)."""
   leaves = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if all(isinstance(k, jax.tree_util.DictKey) for k in path):
-      leaves[key_path_names(path)] = leaf
+    names = _dict_path(path)
+    if names is not None:
+      leaves[names] = leaf
   layers = {}
   for path, leaf in leaves.items():
     if path[-1] == "kernel" and jnp.ndim(leaf) >= 2:

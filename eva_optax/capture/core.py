@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from eva_optax import collectors, layers
 
+STATISTICS = tuple(collectors.RECORDS)
 PROBES = "_eva_optax_probes"  # key of the probe dict beside each captured layer's parameters
 COUNT = "count"
 WEIGHT_SHARING = ("expand", "reduce")
@@ -205,3 +206,73 @@ def records(kind: str, call: LayerCall, sums: Mapping, weight_sharing: str):
   def one(slice_sums):
     return _assemble(kind, slice_sums, call.view.has_bias, weight_sharing)
   return layers.over_stack(one, call.layout.stacked_axes)(dict(sums))
+
+
+def stacked(call: LayerCall, inner: tuple, outer: tuple, fix: str) -> LayerCall:
+  """``call`` with the stack axes of its kernel: the leading axes of the stored kernel
+  ``outer`` that the kernel the layer sees, ``inner``, does not have (a layer stack built by a
+  lifted transform). ``fix``: how to stack along the leading axis in this framework."""
+  n = len(outer) - len(inner)
+  if n < 0 or tuple(outer[n:]) != tuple(inner):
+    raise NotImplementedError(
+        f"eva_optax: layer '{call.name}' has a kernel of shape {tuple(inner)} stored as "
+        f"{tuple(outer)}: a lifted transform stacks it along a non-leading axis. Stack layers "
+        f"along axis 0 ({fix}), or leave it first-order with exclude=[{call.name!r}].")
+  return call._replace(layout=call.layout._replace(stacked_axes=n), stack=tuple(outer[:n]))
+
+
+def check_kinds(statistics, weight_sharing: str) -> tuple[str, ...]:
+  """The statistics names as a tuple; raises ``ValueError`` for unknown names or an unknown
+  ``weight_sharing``."""
+  if weight_sharing not in WEIGHT_SHARING:
+    raise ValueError(f"eva_optax: weight_sharing must be one of {WEIGHT_SHARING}, got "
+                     f"{weight_sharing!r}.")
+  names = (statistics,) if isinstance(statistics, str) else tuple(dict.fromkeys(statistics))
+  unknown = [s for s in names if s not in STATISTICS]
+  if unknown or not names:
+    raise ValueError(f"eva_optax: unknown statistics {unknown or names}; choose from "
+                     f"{STATISTICS}.")
+  return names
+
+
+def curvature(kinds: Sequence[str], calls: Mapping[str, LayerCall], sums: Mapping[str, Mapping],
+              weight_sharing: str, axes: tuple) -> dict:
+  """``{kind: nested curvature tree}`` from every layer's summed reductions, ``pmean``-ed over
+  ``axes`` (the data-parallel axes of pmap/shard_map; per-example units make the mean the
+  global-batch statistic)."""
+  trees = {kind: {name: records(kind, call, sums[name], weight_sharing)
+                  for name, call in calls.items()} for kind in kinds}
+  if axes:
+    trees = jax.lax.pmean(trees, axes)
+  return {kind: collectors.unflatten_curvature(flat) for kind, flat in trees.items()}
+
+
+def manual_axes(tree) -> set:
+  """Mesh axes that ``pmap``/``shard_map`` map over where ``tree`` was computed (empty outside)."""
+  names = set()
+  for leaf in jax.tree.leaves(tree):
+    if not isinstance(leaf, jax.Array):  # e.g. a string or flag argument of the loss
+      continue
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
+      if kind == jax.sharding.AxisType.Manual:
+        names.add(name)
+  return names
+
+
+def check_axis_name(axis_name, mapped: set) -> tuple:
+  """The axes to average the statistics over; refuses per-device statistics inside a map."""
+  if axis_name is None:
+    if mapped:
+      raise ValueError(
+          f"eva_optax: the statistics are computed inside pmap/shard_map over {sorted(mapped)} "
+          "but axis_name is None, so every device would precondition with its own batch's "
+          f"statistics. Pass axis_name={sorted(mapped)[0]!r} to the capture's value_and_grad.")
+    return ()
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  if not set(names) <= mapped:
+    raise ValueError(
+        f"eva_optax: axis_name={axis_name!r} is not an axis of the enclosing pmap/shard_map "
+        f"(mapped axes here: {sorted(mapped) or 'none'}). Pass the axis_name you map over, or "
+        "None outside pmap/shard_map (jit with a sharded batch needs none).")
+  return names

@@ -26,20 +26,17 @@ modules, RNN cells, tied weights) accumulates over its applications.
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax.linen.linear import canonicalize_padding
 
 from eva_optax import collectors, layers
-from eva_optax.capture import core
+from eva_optax.capture import core, views
 
-STATISTICS = tuple(collectors.RECORDS)
+STATISTICS = core.STATISTICS
 DISTRIBUTIONS = ("softmax_cross_entropy", "sigmoid_cross_entropy", "squared_error")
 EMBEDDING = ("nn.Embed, first-order by design (a lookup's one-hot input makes its input factor "
              "diagonal)")
@@ -62,102 +59,27 @@ class CaptureInfo(NamedTuple):
   calls: dict
 
 
-def _fail(name: str, module, what: str, fix: str):
-  raise NotImplementedError(
-      f"eva_optax: layer '{name}' ({type(module).__name__}) uses {what}, which the Kronecker "
-      f"statistics do not support. {fix} Or leave it first-order with "
-      f"exclude=[{name!r}] in eva_optax.flax.value_and_grad.")
-
-
-def _tuple(value) -> tuple:
-  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _spatial(value, rank: int) -> tuple[int, ...]:
-  if value is None:
-    return (1,) * rank
-  return (value,) * rank if isinstance(value, int) else tuple(value)
-
-
-def _matmul_view(x, contract: Sequence[int], output_axes: int, has_bias: bool,
-                 output_perm=None) -> layers.LayerView:
-  """Contracting axes ``contract`` of ``x`` (kernel order) moved last; the rest keep order."""
-  keep = tuple(a for a in range(x.ndim) if a not in contract)
-  perm = keep + tuple(contract)
-  return layers.LayerView(None if perm == tuple(range(x.ndim)) else perm, len(contract),
-                          output_perm, output_axes, None, has_bias)
-
-
-def _dense_general_view(module, name, x) -> layers.LayerView:
-  if _tuple(module.batch_dims):
-    _fail(name, module, f"batch_dims={module.batch_dims}",
-          "Move the batch axes into a layer stack (nn.vmap) or use batch_dims=().")
-  axis = tuple(sorted(a % x.ndim for a in _tuple(module.axis)))  # Flax's kernel order
-  if 0 in axis and x.ndim > len(axis):
-    _fail(name, module, f"axis={module.axis} (contracting the leading, batch axis)",
-          "Keep the batch on the leading axis.")
-  return _matmul_view(x, axis, len(_tuple(module.features)), module.use_bias)
-
-
-def _einsum_view(module, name, x, equation: str) -> layers.LayerView:
-  equation = equation.replace(" ", "")
-  lhs, rhs, out = *equation.split("->")[0].split(","), equation.split("->")[1]
-  contract = [c for c in rhs if c in lhs and c not in out]
-  features = [c for c in rhs if c in out and c not in lhs]
-  rows = [c for c in lhs if c in out and c not in rhs]
-  ok = ("." not in equation and rhs == "".join(contract + features) and features
-            and contract and len(set(lhs)) == len(lhs) == len(rows) + len(contract)
-            and len(out) == len(rows) + len(features)
-            and [c for c in out if c in features] == features
-            and (not rows or lhs[0] == rows[0] == out[0]))
-  if not ok:
-    _fail(name, module, f"the equation {equation!r}",
-          "Supported: '<rows><contract>,<contract><out>-><rows><out>' (letters in any order "
-          "within a group, output features in kernel order, the batch letter first in input "
-          "and output, no ellipsis).")
-  view = _matmul_view(x, tuple(lhs.index(c) for c in contract), len(features), module.use_bias)
-  perm = tuple(out.index(c) for c in rows + features)
-  return view._replace(output_perm=None if perm == tuple(range(len(out))) else perm)
-
-
-def _conv_view(module, name, x) -> layers.LayerView:
-  if module.feature_group_count != 1:
-    _fail(name, module, f"feature_group_count={module.feature_group_count} (grouped "
-          "convolution)", "Use feature_group_count=1.")
-  if module.mask is not None:
-    _fail(name, module, "a kernel mask", "Remove the mask.")
-  kernel_size = _tuple(module.kernel_size)
-  rank = len(kernel_size)
-  spec = layers.ConvSpec(kernel_size, _spatial(module.strides, rank),
-                         canonicalize_padding(module.padding, rank),
-                         _spatial(module.input_dilation, rank),
-                         _spatial(module.kernel_dilation, rank))
-  return layers.LayerView(None, 0, None, 1, spec, module.use_bias)
-
-
-def _view(module, name, args, kwargs) -> Optional[layers.LayerView]:
+def _view(module, name, args, kwargs) -> layers.LayerView:
   """The :class:`~eva_optax.layers.LayerView` of a captured call (raises for unsupported ones)."""
   x = args[0] if args else kwargs["inputs"]
   if isinstance(module, _UNSUPPORTED_TYPES):
-    _fail(name, module, "a transposed or unshared (local) convolution",
-          "Use nn.Conv.")
+    views.fail(name, module, "a transposed or unshared (local) convolution", "Use nn.Conv.")
   if isinstance(module, nn.Conv):
-    return _conv_view(module, name, x)
+    return views.conv(name, module, kernel_size=module.kernel_size, strides=module.strides,
+                      padding=module.padding, input_dilation=module.input_dilation,
+                      kernel_dilation=module.kernel_dilation,
+                      feature_group_count=module.feature_group_count, mask=module.mask,
+                      has_bias=module.use_bias)
   if isinstance(module, nn.Dense):
-    return _matmul_view(x, (x.ndim - 1,), 1, module.use_bias)
+    return views.matmul(x, (x.ndim - 1,), 1, module.use_bias)
   if isinstance(module, nn.DenseGeneral):
-    return _dense_general_view(module, name, x)
+    if views.as_tuple(module.batch_dims):
+      views.fail(name, module, f"batch_dims={module.batch_dims}",
+                 "Move the batch axes into a layer stack (nn.vmap) or use batch_dims=().")
+    return views.general(name, module, x, module.axis, len(views.as_tuple(module.features)),
+                         module.use_bias)
   equation = args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
-  return _einsum_view(module, name, x, equation)
-
-
-def _excluder(exclude) -> Callable[[str, nn.Module], bool]:
-  if exclude is None:
-    return lambda name, module: False
-  if callable(exclude):
-    return exclude
-  patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-  return lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+  return views.einsum(name, module, x, equation, module.use_bias)
 
 
 _CAPTURED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum) + _UNSUPPORTED_TYPES
@@ -229,48 +151,10 @@ def _sampled_loss(distribution: str, output: jax.Array, rng: jax.Array) -> jax.A
   return jnp.mean(jnp.sum(losses.reshape(losses.shape[0], -1), axis=1))
 
 
-def _manual_axes(tree) -> set:
-  """Mesh axes that ``pmap``/``shard_map`` map over where ``tree`` was computed (empty outside)."""
-  names = set()
-  for leaf in jax.tree.leaves(tree):
-    if not isinstance(leaf, jax.Array):  # e.g. a string or flag argument of the loss
-      continue
-    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-    for name, kind in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())):
-      if kind == jax.sharding.AxisType.Manual:
-        names.add(name)
-  return names
-
-
-def _check_axis_name(axis_name, mapped: set) -> tuple:
-  """The axes to average the statistics over; refuses per-device statistics inside a map."""
-  if axis_name is None:
-    if mapped:
-      raise ValueError(
-          f"eva_optax: the statistics are computed inside pmap/shard_map over {sorted(mapped)} "
-          "but axis_name is None, so every device would precondition with its own batch's "
-          f"statistics. Pass axis_name={sorted(mapped)[0]!r} to eva_optax.flax.value_and_grad.")
-    return ()
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  if not set(names) <= mapped:
-    raise ValueError(
-        f"eva_optax: axis_name={axis_name!r} is not an axis of the enclosing pmap/shard_map "
-        f"(mapped axes here: {sorted(mapped) or 'none'}). Pass the axis_name you map over, or "
-        "None outside pmap/shard_map (jit with a sharded batch needs none).")
-  return names
-
-
 def _check_statistics(statistics: Union[str, Sequence[str]],
                       sampled_fisher: Optional[SampledFisher],
                       weight_sharing: str) -> tuple[str, ...]:
-  if weight_sharing not in core.WEIGHT_SHARING:
-    raise ValueError(f"eva_optax: weight_sharing must be one of {core.WEIGHT_SHARING}, got "
-                     f"{weight_sharing!r}.")
-  names = (statistics,) if isinstance(statistics, str) else tuple(dict.fromkeys(statistics))
-  unknown = [s for s in names if s not in STATISTICS]
-  if unknown or not names:
-    raise ValueError(f"eva_optax: unknown statistics {unknown or names}; choose from "
-                     f"{STATISTICS}.")
+  names = core.check_kinds(statistics, weight_sharing)
   if sampled_fisher is not None:
     if sampled_fisher.distribution not in DISTRIBUTIONS:
       raise ValueError(f"eva_optax: SampledFisher distribution must be one of {DISTRIBUTIONS}, "
@@ -292,8 +176,7 @@ def _lookup(tree, path: Sequence[str]):
 
 
 def _stacked(name: str, call: core.LayerCall, inner: tuple, params) -> core.LayerCall:
-  """``call`` with the stack axes of its kernel in ``params`` (leading axes the layer's own
-  kernel does not have: ``nn.scan``/``nn.vmap`` over layers)."""
+  """``call`` with the stack axes of its kernel in ``params``."""
   try:
     outer = jnp.shape(_lookup(params, _path(name) + ("kernel",)))
   except (KeyError, TypeError, IndexError):
@@ -301,13 +184,7 @@ def _stacked(name: str, call: core.LayerCall, inner: tuple, params) -> core.Laye
         f"eva_optax: layer '{name}' is applied in the loss but params has no "
         f"{'/'.join(_path(name) + ('kernel',))!r}. Pass the params collection itself "
         "(variables['params']) as the first argument of loss_fn.") from None
-  n = len(outer) - len(inner)
-  if n < 0 or tuple(outer[n:]) != tuple(inner):
-    raise NotImplementedError(
-        f"eva_optax: layer '{name}' has a kernel of shape {tuple(inner)} stored as "
-        f"{tuple(outer)}: a lifted transform stacks it along a non-leading axis. Stack layers "
-        f"with variable_axes={{'params': 0}}, or leave it first-order with exclude=[{name!r}].")
-  return call._replace(layout=call.layout._replace(stacked_axes=n), stack=tuple(outer[:n]))
+  return core.stacked(call, inner, outer, "variable_axes={'params': 0}")
 
 
 def _with_probes(params, probes: dict):
@@ -343,7 +220,7 @@ class Capture:
     self.loss_fn, self.kinds, self.has_aux = loss_fn, kinds, has_aux
     self.axis_name, self.sampled_fisher = axis_name, sampled_fisher
     self.weight_sharing = weight_sharing
-    self.excluded = _excluder(exclude)
+    self.excluded = views.excluder(exclude)
     self.names = core.reductions(kinds, weight_sharing)
 
   def _run(self, fn, interceptor, params, args, kwargs):
@@ -381,7 +258,7 @@ class Capture:
     if self.sampled_fisher is not None and fisher_rng is None:
       raise ValueError("eva_optax: value_and_grad(..., sampled_fisher=...) needs the keyword "
                        "fisher_rng=<PRNG key> to draw the labels.")
-    axes = _check_axis_name(self.axis_name, _manual_axes((params, args, kwargs)))
+    axes = core.check_axis_name(self.axis_name, core.manual_axes((params, args, kwargs)))
     calls = self.describe(params, *args, **kwargs).calls
     probes = {name: core.zero_probes(call, self.names) for name, call in calls.items()}
     if axes:
@@ -396,9 +273,5 @@ class Capture:
     if self.sampled_fisher is not None:
       for name, backward in self._sampled_sums(params, calls, fisher_rng, args, kwargs).items():
         sums[name].update(backward)
-    trees = {kind: {name: core.records(kind, call, sums[name], self.weight_sharing)
-                    for name, call in calls.items()} for kind in self.kinds}
-    if axes:
-      trees = jax.lax.pmean(trees, axes)
-    trees = {kind: collectors.unflatten_curvature(flat) for kind, flat in trees.items()}
+    trees = core.curvature(self.kinds, calls, sums, self.weight_sharing, axes)
     return (value, grads), (trees[self.kinds[0]] if self.single else trees)
