@@ -117,7 +117,8 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
     weight = jnp.where(beta2 == 1, 1.0, 1.0 - beta2)
     originals, treedef = jax.tree.flatten(updates)
     out, stats = [], []
-    for update, vectors in zip(originals, treedef.flatten_up_to(state.stats)):
+    for update, vectors in zip(originals, map(transform.as_sequence,
+                                              treedef.flatten_up_to(state.stats))):
       if update.ndim <= 1:
         out.append(update)
         stats.append(vectors)

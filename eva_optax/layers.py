@@ -250,7 +250,7 @@ def key_path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
 
-def _dict_path(path) -> Optional[tuple]:
+def dict_path(path) -> Optional[tuple]:
   """The dict keys of ``path``, ignoring a trailing ``.value`` (a Flax NNX ``Variable`` around
   the array, as in ``nnx.state(model, nnx.Param)``); ``None`` for any other kind of path."""
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
@@ -265,7 +265,7 @@ def find_layers(tree) -> dict[LayerName, dict[str, jax.Array]]:
   (plain arrays, or Flax NNX ``Variable``-wrapped ones: their arrays)."""
   leaves = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = _dict_path(path)
+    names = dict_path(path)
     if names is not None:
       leaves[names] = leaf
   layers = {}

@@ -368,9 +368,9 @@ def scale_by_shampoo(
     originals, treedef = jax.tree.flatten(updates)
     grads = [g.astype(jnp.float32) for g in originals]
     plans = [plan_of(g) for g in grads]
-    stats = [accumulate(g, plan, s)
+    stats = [accumulate(g, plan, transform.as_sequence(s))
              for g, plan, s in zip(grads, plans, treedef.flatten_up_to(state.stats))]
-    old_roots = treedef.flatten_up_to(state.preconditioner)
+    old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
     # Flat lists over every statistic of every tensor, and the root order of each.
     flat_stats = [s for leaf in stats for s in leaf]
     flat_roots = [r for leaf in old_roots for r in leaf]
@@ -384,7 +384,7 @@ def scale_by_shampoo(
       position += len(leaf)
     out, graft = [], []
     for grad, plan, leaf_roots, graft_state, original in zip(
-        grads, plans, roots, treedef.flatten_up_to(state.graft), originals):
+        grads, plans, roots, map(transform.as_sequence, treedef.flatten_up_to(state.graft)), originals):
       graft_step, graft_state = _graft_update(graft_type, grad, graft_state, count, graft_beta1,
                                               graft_beta2, graft_epsilon)
       graft.append(graft_state)

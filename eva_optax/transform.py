@@ -50,6 +50,12 @@ class ScaleByKroneckerState(NamedTuple):
   preconditioner: dict
 
 
+def as_sequence(leaf) -> tuple:
+  """A tensor's tuple of state arrays (Shampoo's, Eva-s') as a tuple: ``nnx.Optimizer`` hands
+  the state back with every tuple turned into an int-keyed mapping ``{0: …, 1: …}``."""
+  return tuple(leaf[i] for i in range(len(leaf)))
+
+
 def concrete(value) -> Optional[float]:
   """A hyperparameter as a float, or None when it is traced (``inject_hyperparams`` under
   ``jit``) or a schedule. No ``jnp.asarray``: inside another trace it would return a tracer."""
@@ -315,6 +321,7 @@ def replace_layers(updates, new: Mapping[str, Mapping[str, jax.Array]]):
             for name, layer in new.items() for leaf, value in layer.items()}
 
   def replace(path, leaf):
-    return leaves.get(layers.layer_name(layers.key_path_names(path)), leaf)
+    names = layers.dict_path(path)
+    return leaf if names is None else leaves.get(layers.layer_name(names), leaf)
 
   return jax.tree_util.tree_map_with_path(replace, updates)

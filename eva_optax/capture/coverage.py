@@ -70,7 +70,7 @@ def coverage(params, curvature, info=None) -> list[Coverage]:
   passed through and why.
 
   Args:
-    params: the parameter tree given to the optimizer.
+    params: the parameter tree given to the optimizer (or an ``nnx.State`` of ``nnx.Param``).
     curvature: the capture's statistics (one tree, or a dict of trees keyed by statistics
       name), e.g. the third output of :func:`eva_optax.flax.value_and_grad`.
     info: optional :class:`~eva_optax.flax.CaptureInfo` (``capture.describe(params, *batch)``):
@@ -85,7 +85,7 @@ def coverage(params, curvature, info=None) -> list[Coverage]:
   layouts = dict(getattr(info, "layouts", {}) or {})
   rows = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = layers.key_path_names(path)
+    names = layers.dict_path(path) or layers.key_path_names(path)
     if np.ndim(leaf) < 2 or names[-1] in _SECOND_MOMENTS:
       continue
     layer = layers.layer_name(names[:-1])
