@@ -177,9 +177,9 @@ class Capture:
       value, grads = nnx.value_and_grad(
           lambda m: self.loss_fn(m, *args, **kwargs), has_aux=self.has_aux)(model)
     sums = {name: {} for name in calls}
-    for path, leaf in nnx.to_flat_state(grads.filter(Probe)):
+    for path, leaf in nnx.to_flat_state(nnx.filter_state(grads, Probe)):
       name, key = layers.layer_name(tuple(str(p) for p in path[:-1])), str(path[-1])
       sums[name][key[len(PREFIX):]] = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
     trees = core.curvature(self.kinds, calls, sums, self.weight_sharing, axes)
-    grads = grads.filter(nnx.Not(Probe))
+    grads = nnx.filter_state(grads, nnx.Not(Probe))
     return (value, grads), (trees[self.kinds[0]] if self.single else trees)
