@@ -1,4 +1,4 @@
-"""The quickstart notebook runs end to end (shortened) and Eva lowers the training loss."""
+"""The notebooks run end to end (shortened) and the second-order optimizers lower the loss."""
 
 import json
 import math
@@ -14,7 +14,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = ROOT / "notebooks"
 
 
 def stdout_of(cell):
@@ -22,8 +22,9 @@ def stdout_of(cell):
                  if o.output_type == "stream" and o.get("name") == "stdout")
 
 
-def test_quickstart_notebook(monkeypatch):
-  nb = nbformat.read(NOTEBOOK, as_version=4)
+def execute(name, monkeypatch):
+  """The notebook ``name`` run with STEPS = 40 (after its 'parameters' cell); its code cells."""
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
   assert len(tagged) == 1, "expected exactly one cell tagged 'parameters'"
   nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell("STEPS = 40"))
@@ -38,11 +39,14 @@ def test_quickstart_notebook(monkeypatch):
   client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": str(ROOT)}})
   client.execute()  # raises CellExecutionError on any failing cell
-
   code_cells = [c for c in nb.cells if c.cell_type == "code"]
   for cell in code_cells:
     assert not [o for o in cell.outputs if o.output_type == "error"]
+  return code_cells
 
+
+def test_quickstart_notebook(monkeypatch):
+  code_cells = execute("quickstart.ipynb", monkeypatch)
   summary = next(stdout_of(c) for c in code_cells if "final train loss" in stdout_of(c))
   assert "SGD" in summary and "Eva" in summary, summary
 
@@ -53,3 +57,13 @@ def test_quickstart_notebook(monkeypatch):
   eva = results["eva"]
   assert math.isfinite(eva["initial_loss"]), results
   assert eva["final_loss"] < eva["initial_loss"], results
+
+
+def test_nnx_quickstart_notebook(monkeypatch):
+  code_cells = execute("nnx_quickstart.ipynb", monkeypatch)
+  coverage = next(stdout_of(c) for c in code_cells if "kernel-bearing" in stdout_of(c))
+  assert "2 of 2 kernel-bearing parameters preconditioned" in coverage, coverage
+  results = json.loads(stdout_of(code_cells[-1]).strip().splitlines()[-1])
+  assert set(results) == {"sgd", "eva", "k-fac"}, results
+  for name in ("eva", "k-fac"):
+    assert results[name]["final_loss"] < results[name]["initial_loss"], results
