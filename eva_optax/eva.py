@@ -213,7 +213,7 @@ def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
   """
   layouts = transform.flat_layouts(layouts)
   out = {}
-  for name, layer in layers.find_layers(grads).items():
+  for name, layer in layers.find_layers(grads, layouts).items():
     if name not in stats:
       continue
     layout = layouts.get(name, layers.Layout())

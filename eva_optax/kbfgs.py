@@ -182,7 +182,7 @@ def scale_by_kbfgs(
       return ScaleByKBFGSState(jnp.zeros((), jnp.int32), transform.PerLayer(),
                                transform.PerLayer())
     stats, factors = {}, {}
-    for name, layer in layers.find_layers(params).items():
+    for name, layer in layers.find_layers(params, layouts).items():
       stack, d_in, d_out, has_bias = transform.layer_shapes(
           layer, name, layouts.get(name, layers.Layout()))
       d = d_in + has_bias
@@ -270,7 +270,7 @@ def scale_by_kbfgs(
           "eva_optax: K-BFGS's second pass evaluates the model at trial parameters, so it needs "
           "all of them; it cannot run inside optax.multi_transform/partition/masked. Use it on "
           "the whole model (other optimizers can be partitioned).")
-    grads = layers.find_layers(updates)
+    grads = layers.find_layers(updates, layouts)
     count = state.count
     masked = transform.masked_layers(updates)
     first, captured = first_pass(curvature, grads, state, masked)
@@ -285,7 +285,7 @@ def scale_by_kbfgs(
               first["activation_factor"][name].a, first["activation_vector"][name].a,
               layers.to_matrix(grads[name], layout))
       directions[name] = layers.from_matrix(direction, grads[name], layout)
-    updates = transform.replace_layers(updates, directions)
+    updates = transform.replace_layers(updates, directions, layouts)
 
     # Second pass on the same batch at the trial point W + αp.
     lr = learning_rate(count) if callable(learning_rate) else learning_rate

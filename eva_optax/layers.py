@@ -24,6 +24,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 LayerName = str  # module path joined with "/", e.g. "Encoder_0/Dense_1"
 
@@ -33,17 +34,22 @@ def layer_name(path: tuple[str, ...]) -> LayerName:
 
 
 class Layout(NamedTuple):
-  """How a kernel ``[*stack, *inputs, *outputs]`` splits into slices of ``[d_in, d_out]``.
+  """How a layer's parameters form slices of a ``[d_in, d_out]`` matrix.
 
   Attributes:
-    stacked_axes: number of leading stack axes (0 for a plain layer; 1 for ``nn.scan`` over
-      layers or an ``nn.vmap`` ensemble with ``variable_axes={"params": 0}``).
-    output_axes: number of trailing axes flattened into d_out (1 for Dense and Conv; 2 for an
-      attention q/k/v projection ``[d, heads, head_dim]``).
+    stacked_axes: number of leading stack axes of the kernel (0 for a plain layer; 1 for
+      ``nn.scan`` over layers or an ``nn.vmap`` ensemble with ``variable_axes={"params": 0}``).
+    output_axes: number of trailing kernel axes flattened into d_out (1 for Dense and Conv; 2
+      for an attention q/k/v projection ``[d, heads, head_dim]``).
+    kernel: the key of the layer's ``[*stack, *inputs, *outputs]`` matrix in its parameter
+      dict (Flax: ``"kernel"``; e.g. ``"w"`` for a hand-written JAX model).
+    bias: the key of its ``[*stack, *outputs]`` bias (``"bias"``; absent keys mean no bias).
   """
 
   stacked_axes: int = 0
   output_axes: int = 1
+  kernel: str = "kernel"
+  bias: str = "bias"
 
 
 def check_layout(name: LayerName, layer: Mapping[str, jax.Array], layout: Layout) -> None:
@@ -260,19 +266,45 @@ def dict_path(path) -> Optional[tuple]:
   return None
 
 
-def find_layers(tree) -> dict[LayerName, dict[str, jax.Array]]:
-  """Maps every parameter dict holding a ``kernel`` of rank ≥ 2 to its ``kernel``/``bias`` leaves
-  (plain arrays, or Flax NNX ``Variable``-wrapped ones: their arrays)."""
-  leaves = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+def find_layers(tree, layouts: Optional[Mapping[LayerName, Layout]] = None
+                ) -> dict[LayerName, dict[str, jax.Array]]:
+  """Maps every layer to its ``{"kernel": K, "bias": b}`` leaves (plain arrays, or Flax NNX
+  ``Variable``-wrapped ones: their arrays): every parameter dict holding a ``"kernel"`` of rank
+  ≥ 2, and every layer of ``layouts`` under its own ``kernel``/``bias`` keys.
+
+  Raises:
+    ValueError: a layer of ``layouts`` with custom keys whose kernel is not in ``tree``.
+  """
+  leaves, masked = {}, set()
+  masked_node = lambda x: isinstance(x, optax.MaskedNode)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=masked_node)[0]:
     names = dict_path(path)
-    if names is not None:
+    if names is not None and masked_node(leaf):
+      masked.add(names)  # another partition's (optax.multi_transform, partition, masked)
+    elif names is not None:
       leaves[names] = leaf
+  layouts = layouts or {}
   layers = {}
   for path, leaf in leaves.items():
-    if path[-1] == "kernel" and jnp.ndim(leaf) >= 2:
-      layer = {"kernel": leaf}
-      if path[:-1] + ("bias",) in leaves:
-        layer["bias"] = leaves[path[:-1] + ("bias",)]
-      layers[layer_name(path[:-1])] = layer
+    layout = layouts.get(layer_name(path[:-1]), Layout())
+    if path[-1] == layout.kernel == "kernel" and jnp.ndim(leaf) >= 2:
+      layers[layer_name(path[:-1])] = _layer(leaves, path[:-1], layout)
+  for name, layout in layouts.items():
+    if layout.kernel != "kernel":
+      path = tuple(name.split("/")) if name else ()
+      if path + (layout.kernel,) in masked:
+        continue
+      if path + (layout.kernel,) not in leaves:
+        siblings = sorted(p[-1] for p in leaves if p[:-1] == path)
+        raise ValueError(
+            f"eva_optax: layouts[{name!r}] names the kernel {layout.kernel!r}, but the params "
+            f"have no {'/'.join(path + (layout.kernel,))!r} (keys there: {siblings or 'none'}).")
+      layers[name] = _layer(leaves, path, layout)
   return layers
+
+
+def _layer(leaves: Mapping, path: tuple, layout: Layout) -> dict[str, jax.Array]:
+  layer = {"kernel": leaves[path + (layout.kernel,)]}
+  if path + (layout.bias,) in leaves:
+    layer["bias"] = leaves[path + (layout.bias,)]
+  return layer

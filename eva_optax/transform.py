@@ -209,7 +209,9 @@ def match_layers(curvature, grads: Mapping, kind: type, who: str,
       raise ValueError(
           f"eva_optax: curvature has layer '{name}' but the parameters have no "
           f"'{name}/kernel'. Pass the params collection itself (variables['params']), not the "
-          f"whole variables dict; layers with kernels: {sorted(grads)}.")
+          f"whole variables dict; for parameters under other names pass "
+          f"layouts={{{name!r}: eva_optax.Layout(kernel=..., bias=...)}}; layers with kernels: "
+          f"{sorted(grads)}.")
     if not isinstance(record, kind):
       raise TypeError(
           f"eva_optax: curvature['{name}'] is a {type(record).__name__}, {who} needs "
@@ -280,7 +282,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     if opaque(params):
       return ScaleByKroneckerState(jnp.zeros((), jnp.int32), PerLayer(), PerLayer())
     stats, pstates = {}, {}
-    for name, layer in layers.find_layers(params).items():
+    for name, layer in layers.find_layers(params, layouts).items():
       stack, *shapes = layer_shapes(layer, name, layouts.get(name, layers.Layout()))
       stats[name] = stacked_init(collector.init, stack, *shapes)
       pstates[name] = stacked_init(preconditioner.init, stack, *shapes)
@@ -288,7 +290,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
-    grads = layers.find_layers(updates)
+    grads = layers.find_layers(updates, layouts)
     captured = match_layers(curvature, grads, collector.kind, "this optimizer",
                             masked_layers(updates))
     stats, pstates = dict(state.stats), dict(state.preconditioner)
@@ -309,15 +311,19 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     updates = replace_layers(updates, {
         name: layers.from_matrix(factor * direction, grads[name],
                                  layouts.get(name, layers.Layout()))
-        for name, direction in directions.items()})
+        for name, direction in directions.items()}, layouts)
     return updates, ScaleByKroneckerState(optax.safe_increment(state.count), stats, pstates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def replace_layers(updates, new: Mapping[str, Mapping[str, jax.Array]]):
-  """``updates`` with the leaves ``new[layer][leaf]`` (``"kernel"``, ``"bias"``) replaced."""
-  leaves = {layers.layer_name(tuple(filter(None, (name, leaf)))): value
+def replace_layers(updates, new: Mapping[str, Mapping[str, jax.Array]],
+                   layouts: Mapping[str, layers.Layout]):
+  """``updates`` with the leaves ``new[layer][leaf]`` (``"kernel"``, ``"bias"``, stored under
+  the layer's ``layouts`` keys) replaced."""
+  def key(name, leaf):
+    return getattr(layouts.get(name, layers.Layout()), leaf)
+  leaves = {layers.layer_name(tuple(filter(None, (name, key(name, leaf))))): value
             for name, layer in new.items() for leaf, value in layer.items()}
 
   def replace(path, leaf):

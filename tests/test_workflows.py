@@ -114,3 +114,60 @@ def test_kbfgs_inside_multi_transform_raises_clearly():
   with pytest.raises(NotImplementedError, match="multi_transform"):
     tx.update(grads, tx.init(params), params, curvature=curvature,
               curvature_fn=eva_optax.flax.curvature_fn(loss_fn))
+
+
+# --- a model that is not Flax: hand-built curvature, parameters under other names ------------
+
+
+def _jax_mlp():
+  """A hand-written two-layer JAX MLP with params {"l1": {"w", "b"}, "l2": {"w", "b"}}, its
+  gradients, and its K-FAC and Eva statistics built by hand (README, "The curvature pytree")
+  from the layer inputs and the output gradients of a zero perturbation."""
+  params = {"l1": {"w": 0.3 * jax.random.normal(jax.random.key(0), (5, 8)), "b": jnp.zeros(8)},
+            "l2": {"w": 0.3 * jax.random.normal(jax.random.key(1), (8, 3)), "b": jnp.zeros(3)}}
+  x = jax.random.normal(jax.random.key(2), (16, 5))
+  labels = jax.random.randint(jax.random.key(3), (16,), 0, 3)
+
+  def loss(p, perturbations):
+    hidden = jax.nn.relu(x @ p["l1"]["w"] + p["l1"]["b"] + perturbations[0])
+    out = hidden @ p["l2"]["w"] + p["l2"]["b"] + perturbations[1]
+    return optax.softmax_cross_entropy_with_integer_labels(out, labels).mean(), (x, hidden)
+
+  zeros = [jnp.zeros((16, 8)), jnp.zeros((16, 3))]
+  (_, inputs), (grads, cts) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params,
+                                                                                    zeros)
+  batch = x.shape[0]
+  with_one = lambda a: jnp.concatenate([a, jnp.ones((batch, 1))], axis=1)
+  curvature = {
+      "kronecker_vectors": {name: eva_optax.KroneckerVectors(a.mean(0), batch * g.mean(0))
+                            for name, a, g in zip(("l1", "l2"), inputs, cts)},
+      "kronecker_factors": {name: eva_optax.KroneckerFactors(
+          with_one(a).T @ with_one(a) / batch, batch * g.T @ g)
+          for name, a, g in zip(("l1", "l2"), inputs, cts)}}
+  return params, grads, curvature
+
+
+@pytest.mark.parametrize("make", [eva_optax.eva, eva_optax.kfac], ids=["eva", "kfac"])
+def test_a_jax_model_with_other_parameter_names_equals_the_flax_naming(make):
+  params, grads, curvature = _jax_mlp()
+  layouts = {name: eva_optax.Layout(kernel="w", bias="b") for name in ("l1", "l2")}
+  tx = make(0.1, layouts=layouts)
+  updates, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  flax_names = lambda tree: {n: {"kernel": v["w"], "bias": v["b"]} for n, v in tree.items()}
+  reference = make(0.1)
+  want, _ = reference.update(flax_names(grads), reference.init(flax_names(params)),
+                             flax_names(params), curvature=curvature)
+  for got, expected in zip(jax.tree.leaves(flax_names(updates)), jax.tree.leaves(want),
+                           strict=True):
+    np.testing.assert_array_equal(got, expected)
+  sgd_like = jax.tree.map(lambda g: -0.1 * g, grads)
+  assert not np.allclose(updates["l1"]["w"], sgd_like["l1"]["w"])  # preconditioned
+
+
+def test_other_parameter_names_without_layouts_or_with_wrong_ones_raise_naming_the_layout():
+  params, grads, curvature = _jax_mlp()
+  tx = eva_optax.eva(0.1)
+  with pytest.raises(ValueError, match=r"no 'l1/kernel'.*Layout\(kernel=\.\.\., bias=\.\.\.\)"):
+    tx.update(grads, tx.init(params), params, curvature=curvature)
+  with pytest.raises(ValueError, match=r"no 'l1/W' \(keys there: \['b', 'w'\]\)"):
+    eva_optax.eva(0.1, layouts={"l1": eva_optax.Layout(kernel="W")}).init(params)
