@@ -1,6 +1,7 @@
 """eva_optax: practical second-order optimizers for JAX as Optax gradient transformations."""
 
 from eva_optax import flax, layers, linalg, nnx
+from eva_optax.accumulation import MultiStepsState, multi_steps
 from eva_optax.capture.coverage import Coverage, coverage, coverage_report
 from eva_optax.layers import Layout
 from eva_optax.collectors import (ActivationFactor, ActivationVector, Collector,
@@ -30,6 +31,7 @@ __all__ = [
     "eva_diagnostics", "eva_layer", "flax", "kl_clip", "kl_normalize", "no_scaling",
     "running_average", "scale_by_eva", "scale_by_kronecker",
     "EvaSState", "SHAMPOO_STATIC_ARGS", "ShampooState", "eva_s", "eva_s_direction",
-    "Coverage", "Layout", "coverage", "coverage_report", "layers", "nnx",
+    "Coverage", "Layout", "MultiStepsState", "coverage", "coverage_report", "layers",
+    "multi_steps", "nnx",
     "linalg", "merge_small_dims", "scale_by_eva_s", "scale_by_shampoo", "shampoo",
 ]

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import eva_optax
+from test_common import Net as ConvNet
 from test_common import OPTIMIZERS, ROWS, _problem, _step, capture_fn, second_pass
 
 
@@ -171,3 +172,33 @@ def test_other_parameter_names_without_layouts_or_with_wrong_ones_raise_naming_t
     tx.update(grads, tx.init(params), params, curvature=curvature)
   with pytest.raises(ValueError, match=r"no 'l1/W' \(keys there: \['b', 'w'\]\)"):
     eva_optax.eva(0.1, layouts={"l1": eva_optax.Layout(kernel="W")}).init(params)
+
+
+@pytest.mark.parametrize("factory,statistics,hparams",
+                         [pytest.param(*row[1:], id=row[0]) for row in PARTITIONED])
+def test_multi_steps_on_two_halves_equals_one_step_on_the_whole_batch(factory, statistics,
+                                                                     hparams):
+  params, _ = _problem()  # test_common's conv net
+  x = jax.random.normal(jax.random.key(0), (32, 6, 6, 2))
+  labels = jax.random.randint(jax.random.key(1), (32,), 0, 3)
+  loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      ConvNet().apply({"params": p}, x), y).mean()
+  capture = eva_optax.flax.value_and_grad(loss, statistics=statistics)
+  whole = factory(0.05, **hparams)
+  (_, grads), curvature = capture(params, x, labels)
+  want, whole_state = whole.update(grads, whole.init(params), params, curvature=curvature)
+
+  tx = eva_optax.multi_steps(factory(0.05, **hparams), 2,
+                             jax.eval_shape(capture, params, x[:16], labels[:16])[1])
+  state = tx.init(params)
+  for half in (slice(0, 16), slice(16, 32)):
+    (_, grads), curvature = capture(params, x[half], labels[half])
+    got, state = jax.jit(lambda g, s, c: tx.update(g, s, params, curvature=c))(
+        grads, state, curvature)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  held = optax.tree_utils.tree_get(state.inner.inner_opt_state, "stats")
+  for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(
+      optax.tree_utils.tree_get(whole_state, "stats")), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(state.curvature))  # next cycle
