@@ -144,9 +144,7 @@ class Thrice(nn.Module):
 
 @pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 def test_a_layer_applied_three_times_accumulates_over_its_applications(weight_sharing):
-  x = jax.random.normal(jax.random.key(2), (4, 3, 5))
-  model = Thrice()
-  params = model.init(jax.random.key(3), x)["params"]
+  model, params, x = _thrice_problem()
   _check_statistics(model, params, x, {"shared": ((2,), 1), "head": ((2,), 1)}, weight_sharing)
 
 
@@ -168,7 +166,7 @@ class ScanOverTime(nn.Module):
 
 @pytest.mark.parametrize("weight_sharing", ["expand", "reduce"])
 def test_scan_over_time_with_shared_parameters_equals_the_python_loop(weight_sharing):
-  x = jax.random.normal(jax.random.key(2), (4, 3, 5))
+  _, _, x = _thrice_problem()
   model = ScanOverTime()
   params = model.init(jax.random.key(3), x)["params"]
   kinds = ("kronecker_vectors", "kronecker_factors", "output_vectors")

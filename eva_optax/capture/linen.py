@@ -65,11 +65,7 @@ def _view(module, name, args, kwargs) -> layers.LayerView:
   if isinstance(module, _UNSUPPORTED_TYPES):
     views.fail(name, module, "a transposed or unshared (local) convolution", "Use nn.Conv.")
   if isinstance(module, nn.Conv):
-    return views.conv(name, module, kernel_size=module.kernel_size, strides=module.strides,
-                      padding=module.padding, input_dilation=module.input_dilation,
-                      kernel_dilation=module.kernel_dilation,
-                      feature_group_count=module.feature_group_count, mask=module.mask,
-                      has_bias=module.use_bias)
+    return views.flax_conv(name, module, module.use_bias)
   if isinstance(module, nn.Dense):
     return views.matmul(x, (x.ndim - 1,), 1, module.use_bias)
   if isinstance(module, nn.DenseGeneral):

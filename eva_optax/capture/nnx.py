@@ -44,11 +44,7 @@ def _view(module, name, args, kwargs) -> layers.LayerView:
   if isinstance(module, nnx.ConvTranspose):
     views.fail(name, module, "a transposed convolution", "Use nnx.Conv.")
   if isinstance(module, nnx.Conv):
-    return views.conv(name, module, kernel_size=module.kernel_size, strides=module.strides,
-                      padding=module.padding, input_dilation=module.input_dilation,
-                      kernel_dilation=module.kernel_dilation,
-                      feature_group_count=module.feature_group_count, mask=module.mask,
-                      has_bias=has_bias)
+    return views.flax_conv(name, module, has_bias)
   if isinstance(module, nnx.Linear):
     return views.matmul(x, (x.ndim - 1,), 1, has_bias)
   if isinstance(module, nnx.LinearGeneral):

@@ -86,6 +86,16 @@ def conv(name, module, *, kernel_size, strides, padding, input_dilation, kernel_
   return layers.LayerView(None, 0, None, 1, spec, has_bias)
 
 
+def flax_conv(name, module, has_bias: bool) -> layers.LayerView:
+  """:func:`conv` for a Flax convolution (Linen ``nn.Conv`` and NNX ``nnx.Conv`` share the
+  attribute names)."""
+  return conv(name, module, kernel_size=module.kernel_size, strides=module.strides,
+              padding=module.padding, input_dilation=module.input_dilation,
+              kernel_dilation=module.kernel_dilation,
+              feature_group_count=module.feature_group_count, mask=module.mask,
+              has_bias=has_bias)
+
+
 def excluder(exclude) -> Callable[[str, object], bool]:
   """``exclude=`` as a predicate ``(path, module) -> bool``: None, fnmatch patterns, or one."""
   if exclude is None:
