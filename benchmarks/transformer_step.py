@@ -22,7 +22,6 @@ import time
 from statistics import median
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -35,7 +35,7 @@ Hessian-action pair is 1 (the mean of the constant bias input) where that code u
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import eva_optax
 from benchmarks import datasets, kfac_jax_peer, models, optimizers, run, train

@@ -6,11 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import eva_optax
-from eva_optax import layers
 
 # float32 sums of O(100) terms of O(1): relative error ~1e-6; 1e-5 leaves a margin for the
 # different summation orders of the reference.

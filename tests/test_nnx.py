@@ -3,7 +3,6 @@ an NNX model trains exactly like the same Linen model."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -37,7 +37,7 @@ rank-one factors of the expand setting's mean input and mean output gradient.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

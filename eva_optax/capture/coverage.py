@@ -3,7 +3,7 @@ are healthy: the coverage report (DESIGN §2, "coverage is visible")."""
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple
 
 import jax
 import numpy as np

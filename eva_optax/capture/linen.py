@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, layers
+from eva_optax import layers
 from eva_optax.capture import core, views
 
 STATISTICS = core.STATISTICS

@@ -18,10 +18,9 @@ purpose; ``nnx.ConvTranspose`` raises.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from eva_optax import layers
