@@ -220,3 +220,49 @@ def test_nnx_capture_leaves_the_model_unchanged_and_raises_for_unsupported_layer
   (_, _), curvature = eva_optax.nnx.value_and_grad(
       nnx_loss, statistics="kronecker_factors", exclude="conv")(model, x, labels)
   assert set(curvature) == {"hidden", "out"}
+
+
+class Hybrid(nnx.Module):
+  """A Linen body held through nnx.bridge.ToNNX, and an NNX head."""
+
+  def __init__(self, rngs):
+    self.body = nnx.bridge.ToNNX(nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(6)]), rngs=rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.relu(self.body(x)))
+
+
+class LinenHybrid(nn.Module):
+  def setup(self):
+    self.body = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(6)])
+    self.head = nn.Dense(3)
+
+  def __call__(self, x):
+    return self.head(nn.relu(self.body(x)))
+
+
+def test_a_linen_model_through_nnx_bridge_is_captured_like_linen():
+  x, labels = _data((32, 5))
+  model = Hybrid(nnx.Rngs(0))
+  nnx.bridge.lazy_init(model, x)
+  kinds = ("kronecker_vectors", "kronecker_factors")
+  (_, grads), curvature = eva_optax.nnx.value_and_grad(nnx_loss, statistics=kinds)(
+      model, x, labels)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  linen_loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      LinenHybrid().apply({"params": p}, x), labels).mean()
+  (_, want_grads), want = eva_optax.flax.value_and_grad(linen_loss, statistics=kinds)(params)
+  assert set(eva_optax.collectors.flatten_curvature(curvature["kronecker_vectors"])) == {
+      "body/layers_0", "body/layers_2", "head"}
+  for a, b in zip(jax.tree.leaves((nnx.to_pure_dict(grads), curvature)),
+                  jax.tree.leaves((want_grads, want)), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  optimizer = nnx.Optimizer(model, eva_optax.eva(0.1), wrt=nnx.Param)
+  step = nnx_step(optimizer.tx, "kronecker_vectors")
+  first = step(model, optimizer, x, labels)
+  for _ in range(10):
+    loss = step(model, optimizer, x, labels)
+  assert float(loss) < float(first)
+  assert set(nnx.to_pure_dict(nnx.state(model, nnx.Param))["body"]["layers_0"]) == {"kernel",
+                                                                                    "bias"}

@@ -84,21 +84,23 @@ _CAPTURED = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum) + _UNSUPPORTED_TYPES
 class _Interceptor:
   """``nn.intercept_methods`` hook. ``calls is not None``: the shape pass, which records each
   captured layer's :class:`~eva_optax.capture.core.LayerCall`; otherwise layers holding probes
-  are routed through the tap."""
+  are routed through the tap. ``prefix``: the path of the Linen model inside a larger one
+  (an NNX model holding it through ``nnx.bridge.ToNNX``)."""
 
   def __init__(self, excluded, names: Sequence[str], calls: Optional[dict] = None,
-               skipped: Optional[dict] = None):
+               skipped: Optional[dict] = None, prefix: tuple = ()):
     self.excluded, self.names, self.calls, self.skipped = excluded, names, calls, skipped
+    self.prefix = prefix
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
+    name = layers.layer_name(self.prefix + tuple(module.path))
     if isinstance(module, nn.Embed):
       if self.skipped is not None:
-        self.skipped[layers.layer_name(tuple(module.path))] = EMBEDDING
+        self.skipped[name] = EMBEDDING
       return next_fun(*args, **kwargs)
     if context.method_name != "__call__" or not isinstance(module, _CAPTURED):
       return next_fun(*args, **kwargs)
-    name = layers.layer_name(tuple(module.path))
     if self.excluded(name, module):
       if self.skipped is not None:
         self.skipped[name] = "excluded (exclude=)"

@@ -12,7 +12,8 @@ tap, the reductions, the records — is :mod:`eva_optax.capture.core`, shared wi
 Captured as in Linen (:mod:`eva_optax.capture.linen`): ``nnx.Linear``; ``nnx.LinearGeneral``
 with any ``axis`` and ``out_features`` (so ``nnx.MultiHeadAttention``); ``nnx.Einsum`` matrix
 multiplies; ``nnx.Conv`` (grouped or masked ones raise); ``nnx.Embed`` passes through on
-purpose; ``nnx.ConvTranspose`` raises.
+purpose; ``nnx.ConvTranspose`` raises. A Linen model held through ``nnx.bridge.ToNNX`` is
+captured by the Linen front end inside it (its probes go into the bridge's parameter dicts).
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Sequence
 
+import flax.linen as nn
 import jax
 from flax import nnx
+from flax.nnx import bridge
 
 from eva_optax import layers
-from eva_optax.capture import core, views
+from eva_optax.capture import core, linen, views
 from eva_optax.capture.linen import EMBEDDING, CaptureInfo
 
 NAME = "_eva_optax_name"      # attribute marking a captured module with its path
+# The same on an nnx.bridge.ToNNX node, which hands every attribute not prefixed "to_nnx__"
+# to its Linen module as a variable.
+BRIDGE_NAME = "to_nnx__eva_optax_name"
 PREFIX = "_eva_optax_probe_"  # attribute prefix of the probe variables
 _CAPTURED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.ConvTranspose)
 EMBED = EMBEDDING.replace("nn.Embed", "nnx.Embed")
@@ -60,11 +66,16 @@ class _Hook:
   """What the wrapped ``__call__`` does for a marked module: record its call (shape pass,
   ``calls`` given) or route its output through the tap with its probes."""
 
-  def __init__(self, names: Sequence[str], calls: Optional[dict] = None,
+  def __init__(self, excluded, names: Sequence[str], calls: Optional[dict] = None,
                skipped: Optional[dict] = None):
-    self.names, self.calls, self.skipped = names, calls, skipped
+    self.excluded, self.names, self.calls, self.skipped = excluded, names, calls, skipped
 
   def __call__(self, module, name, original, args, kwargs):
+    if isinstance(module, bridge.ToNNX):
+      prefix = tuple(name.split("/")) if name else ()
+      with nn.intercept_methods(linen._Interceptor(self.excluded, self.names, self.calls,
+                                                   self.skipped, prefix)):
+        return original(module, *args, **kwargs)
     if isinstance(module, nnx.Embed):
       if self.skipped is not None:
         self.skipped[name] = EMBED
@@ -87,12 +98,13 @@ class _Hook:
 @contextlib.contextmanager
 def _hooked(hook: _Hook):
   """Wraps the captured classes' ``__call__`` (and ``nnx.Embed.attend``) for the duration."""
-  originals = [(cls, "__call__", cls.__call__) for cls in _CAPTURED + (nnx.Embed,)]
+  originals = [(cls, "__call__", cls.__call__)
+               for cls in _CAPTURED + (nnx.Embed, bridge.ToNNX)]
   originals.append((nnx.Embed, "attend", nnx.Embed.attend))
 
   def wrap(original):
     def wrapped(self, *args, **kwargs):
-      name = vars(self).get(NAME)
+      name = vars(self).get(NAME, vars(self).get(BRIDGE_NAME))
       if name is None:
         return original(self, *args, **kwargs)
       return hook(self, name, original, args, kwargs)
@@ -112,7 +124,7 @@ def _modules(model, excluded, skipped: dict) -> dict:
   ``skipped``)."""
   found = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, _CAPTURED + (nnx.Embed,)):
+    if isinstance(node, _CAPTURED + (nnx.Embed, bridge.ToNNX)):
       name = layers.layer_name(tuple(str(p) for p in path))
       if isinstance(node, _CAPTURED) and excluded(name, node):
         skipped[name] = "excluded (exclude=)"
@@ -123,17 +135,44 @@ def _modules(model, excluded, skipped: dict) -> dict:
 
 @contextlib.contextmanager
 def _marked(modules: dict, probes: Optional[dict] = None):
-  """Marks each module with its path (and gives it its probe variables) for the duration."""
+  """Marks each module with its path and gives each captured layer its probe variables (an NNX
+  layer as attributes, a Linen layer inside ``nnx.bridge.ToNNX`` as an entry of the bridge's
+  parameter dicts) for the duration."""
+  bridged = []  # (bridge node, keys of the layer's parameter dict inside it)
+
+  def layer_dict(owner, keys):
+    node = vars(owner)
+    for key in keys:
+      node = node[key]
+    return node
+
   try:
     for name, module in modules.items():
-      setattr(module, NAME, name)
-      for r, value in (probes or {}).get(name, {}).items():
-        setattr(module, PREFIX + r, Probe(value))
+      setattr(module, BRIDGE_NAME if isinstance(module, bridge.ToNNX) else NAME, name)
+    for name, values in (probes or {}).items():
+      if name in modules:
+        for r, value in values.items():
+          setattr(modules[name], PREFIX + r, Probe(value))
+        continue
+      owner = max((n for n in modules if isinstance(modules[n], bridge.ToNNX)
+                   and name.startswith(n + "/" if n else "")), key=len)
+      keys = tuple(name[len(owner):].strip("/").split("/"))
+      layer_dict(modules[owner], keys)[core.PROBES] = {r: nnx.Param(value)
+                                                        for r, value in values.items()}
+      bridged.append((modules[owner], keys))
     yield
   finally:
     for module in modules.values():
-      for key in [k for k in vars(module) if k == NAME or k.startswith(PREFIX)]:
+      for key in [k for k in vars(module)
+                  if k in (NAME, BRIDGE_NAME) or k.startswith(PREFIX)]:
         delattr(module, key)
+    # Looked up afresh: NNX transforms may have replaced the dicts while the probes were in.
+    for owner, keys in bridged:
+      layer_dict(owner, keys).pop(core.PROBES, None)
+
+
+def _is_probe(path, _=None) -> bool:
+  return any(str(p) == core.PROBES or str(p).startswith(PREFIX) for p in path)
 
 
 class Capture:
@@ -153,9 +192,12 @@ class Capture:
     (``nnx.eval_shape``); see :meth:`eva_optax.flax.Capture.describe`."""
     skipped, calls = {}, {}
     modules = _modules(model, self.excluded, skipped)
-    with _marked(modules), _hooked(_Hook(self.names, calls, skipped)):
+    with _marked(modules), _hooked(_Hook(self.excluded, self.names, calls, skipped)):
       nnx.eval_shape(lambda m: self.loss_fn(m, *args, **kwargs), model)
-    calls = {name: core.stacked(call, inner, tuple(modules[name].kernel.shape),
+    kernels = {layers.layer_name(tuple(str(p) for p in path[:-1])): tuple(jax.numpy.shape(v))
+               for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+               if str(path[-1]) == "kernel"}
+    calls = {name: core.stacked(call, inner, kernels[name],
                                 "nnx.vmap over layers with in_axes=0, then nnx.scan")
              for name, (call, inner) in calls.items()}
     return CaptureInfo({n: c.layout for n, c in calls.items()}, skipped, calls)
@@ -168,13 +210,16 @@ class Capture:
     if axes:
       probes = jax.lax.pcast(probes, axes, to="varying")
     modules = _modules(model, self.excluded, {})
-    with _marked(modules, probes), _hooked(_Hook(self.names)):
+    with _marked(modules, probes), _hooked(_Hook(self.excluded, self.names)):
       value, grads = nnx.value_and_grad(
           lambda m: self.loss_fn(m, *args, **kwargs), has_aux=self.has_aux)(model)
     sums = {name: {} for name in calls}
-    for path, leaf in nnx.to_flat_state(nnx.filter_state(grads, Probe)):
-      name, key = layers.layer_name(tuple(str(p) for p in path[:-1])), str(path[-1])
-      sums[name][key[len(PREFIX):]] = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+    for path, leaf in nnx.to_flat_state(nnx.filter_state(grads, _is_probe)):
+      path = tuple(str(p) for p in path)
+      bridged = core.PROBES in path
+      name = layers.layer_name(path[:path.index(core.PROBES)] if bridged else path[:-1])
+      key = path[-1] if bridged else path[-1][len(PREFIX):]
+      sums[name][key] = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
     trees = core.curvature(self.kinds, calls, sums, self.weight_sharing, axes)
-    grads = nnx.filter_state(grads, nnx.Not(Probe))
+    grads = nnx.filter_state(grads, lambda path, value: not _is_probe(path))
     return (value, grads), (trees[self.kinds[0]] if self.single else trees)
