@@ -60,29 +60,17 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       per-example units. ``params`` reaches ``loss_fn`` with one extra entry per captured layer
       (key ``"_eva_optax_probes"``, zeros, beside the layer's kernel): pass it on to
       ``model.apply`` as it is.
-    statistics: one name or a tuple of names; each gives one record per layer (float32; rows
-      are the (example, sequence position, conv output position) triples of the layer's matrix
-      multiply, conv inputs are im2col patches in ``[*kernel_size, c_in]`` order, zero padding
-      included; for a layer stack every field gets the stack axes in front, e.g. ā
-      ``[L, d_in]`` for ``nn.scan`` over L layers):
-
-      * ``"kronecker_vectors"`` (Eva): :class:`~eva_optax.KroneckerVectors` ā ``(d_in,)``, the
-        mean input, and ḡ ``(d_out,)`` = B × mean over rows of ∂L/∂y;
-      * ``"kronecker_factors"`` (K-FAC): :class:`~eva_optax.KroneckerFactors` A = mean over rows
-        of a aᵀ (bias-augmented), G = B × Σ_rows ∂L/∂y ∂L/∂yᵀ — positions averaged in A, summed
-        in G (KFC; ``weight_sharing`` below);
-      * ``"activation_factor"`` (FOOF): :class:`~eva_optax.ActivationFactor`, A only;
-      * ``"activation_vector"`` (Eva-f): :class:`~eva_optax.ActivationVector`, ā only;
-      * ``"output_vectors"`` (K-BFGS): :class:`~eva_optax.OutputVectors` ȳ ``(d_out,)``, the
-        mean layer output (pre-activation), and ḡ as in ``"kronecker_vectors"``.
-
-      A layer applied R times per loss evaluation (a shared module, an RNN cell over time, a
-      scan over time with broadcast parameters) contributes the mean over its applications of
-      ā, ḡ and ȳ — the rank-one factors of the mean input and mean per-example output
-      gradient over all (application, position) rows, an approximation that ignores how the
-      applications correlate — and its Kronecker factors as ``weight_sharing`` says.
-      Input statistics are reduced in the forward pass and output-gradient statistics in the
-      backward pass (a custom-VJP tap on the layer output), so no ``[B, d]`` array is returned.
+    statistics: one name or a tuple of names, each giving one float32 record per layer
+      (definitions: the record classes, e.g. :class:`~eva_optax.KroneckerVectors`; a layer
+      stack's fields get the stack axes in front, e.g. ā ``[L, d_in]``):
+      ``"kronecker_vectors"`` (Eva: ā, ḡ = B × mean ∂L/∂y), ``"kronecker_factors"`` (K-FAC: A,
+      G), ``"activation_factor"`` (FOOF: A), ``"activation_vector"`` (Eva-f: ā),
+      ``"output_vectors"`` (K-BFGS: ȳ, ḡ). A layer applied R times per loss evaluation
+      (shared module, RNN cell, scan over time) contributes the means over its applications
+      of ā, ḡ and ȳ (the rank-one factors of the mean input and mean per-example output
+      gradient; an approximation that ignores how the applications correlate) and its
+      Kronecker factors as ``weight_sharing`` says. Inputs are reduced in the forward pass and
+      output gradients in the backward pass, so no ``[B, d]`` array is returned.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     axis_name: under ``pmap``/``shard_map``, the data-parallel axis (required there): the
       statistics are ``lax.pmean``-ed over it, and per-example units make that the global-batch

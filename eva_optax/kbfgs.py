@@ -167,146 +167,177 @@ def scale_by_kbfgs(
       statistics of the wrong kind or shape.
   """
   _check(damping, powell_damping, stat_decay, pair_decay, memory_size)
-  limited = memory_size is not None
+  settings = _Settings(damping, memory_size is not None, stat_decay, pair_decay, powell_damping,
+                       initial_scale)
   # optax.inject_hyperparams passes every numeric argument as an array (a tracer under jit);
   # the memory size is a shape, needed concretely by init only.
-  size = None if not limited else transform.concrete(memory_size)
-
+  size = None if memory_size is None else transform.concrete(memory_size)
   layouts = transform.flat_layouts(layouts)
-
-  def init_fn(params):
-    if limited and size is None:
-      raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
-                       "static_args=('memory_size',).")
-    if transform.opaque(params):
-      return ScaleByKBFGSState(jnp.zeros((), jnp.int32), transform.PerLayer(),
-                               transform.PerLayer())
-    stats, factors = {}, {}
-    for name, layer in layers.find_layers(params, layouts).items():
-      stack, d_in, d_out, has_bias = transform.layer_shapes(
-          layer, name, layouts.get(name, layers.Layout()))
-      d = d_in + has_bias
-      zeros = jnp.zeros((d_out,), jnp.float32)
-      stats[name] = transform.stacked_init(
-          lambda: KBFGSStatistics(jnp.zeros((d, d), jnp.float32), zeros, zeros), stack)
-      h_g = (bfgs.lbfgs_init(d_out, int(size)) if limited
-             else initial_scale * jnp.eye(d_out, dtype=jnp.float32))
-      factors[name] = transform.stacked_init(
-          lambda: KBFGSFactors(jnp.eye(d, dtype=jnp.float32), h_g, jnp.zeros((), jnp.int32)),
-          stack)
-    return ScaleByKBFGSState(jnp.zeros((), jnp.int32), stats, factors)
-
-  def h_g_product(h_g, v):
-    if limited:
-      return bfgs.lbfgs_product(h_g, v, initial_scale)
-    return jnp.matmul(h_g, v, precision=_HIGHEST)
-
-  sqrt_lambda = lambda: jnp.sqrt(jnp.asarray(damping, jnp.float32))
-
-  def precondition(old, fac, new_a, mean_in, matrix, count, has_bias):
-    """One slice: running A, H^a (explicit inverse on the first step), direction H^a Ĝ H^g."""
-    new_a = jnp.asarray(new_a, jnp.float32)
-    averaged = jnp.where(count == 0, new_a, stat_decay * old.a + (1.0 - stat_decay) * new_a)
-    a = jnp.where(jnp.all(jnp.isfinite(new_a)), averaged, old.a)
-    lm_a = a + sqrt_lambda() * jnp.eye(a.shape[0], dtype=jnp.float32)
-    h_a = jax.lax.cond(count == 0, _cholesky_inverse, lambda _: fac.h_a, lm_a)
-    h_a = jnp.where(jnp.all(jnp.isfinite(h_a)), h_a, fac.h_a)
-    mean_in = jnp.asarray(mean_in, jnp.float32)
-    a_bar = jnp.append(mean_in, 1.0) if has_bias else mean_in
-    left = jnp.matmul(h_a, matrix, precision=_HIGHEST)
-    return (old._replace(a=a), fac._replace(h_a=h_a), h_g_product(fac.h_g, left.T).T, lm_a,
-            a_bar)
-
-  def learn(old, fac, now, then, lm_a, a_bar):
-    """One slice: the averaged, doubly damped pair updates H^g; Hessian-action BFGS on H^a."""
-    s_new = jnp.asarray(now.y, jnp.float32) - jnp.asarray(then.y, jnp.float32)
-    y_new = jnp.asarray(now.g, jnp.float32) - jnp.asarray(then.g, jnp.float32)
-    finite = collectors.all_finite((s_new, y_new))
-    s = jnp.where(finite, pair_decay * old.s + (1.0 - pair_decay) * s_new, old.s)
-    y = jnp.where(finite, pair_decay * old.y + (1.0 - pair_decay) * y_new, old.y)
-    s_d, y_d = bfgs.double_damping(s, y, lambda v: h_g_product(fac.h_g, v), powell_damping,
-                                   sqrt_lambda())
-    g_norm = jnp.linalg.norm(jnp.asarray(now.g, jnp.float32))
-    accept = finite & bfgs.safely_positive(s_d, y_d, g_norm)
-    h_g = (bfgs.lbfgs_push(fac.h_g, s_d, y_d, accept) if limited
-           else _bfgs_or_keep(fac.h_g, s_d, y_d, accept))
-    s_a = jnp.matmul(fac.h_a, a_bar, precision=_HIGHEST)
-    y_a = jnp.matmul(lm_a, s_a, precision=_HIGHEST)
-    accept_a = bfgs.safely_positive(s_a, y_a, jnp.linalg.norm(a_bar))
-    h_a = _bfgs_or_keep(fac.h_a, s_a, y_a, accept_a)
-    return (old._replace(s=s, y=y),
-            KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32)))
-
-  def first_pass(curvature, grads, state, masked):
-    first = {kind: transform.match_layers(curvature, grads, collectors.RECORDS[kind], "K-BFGS",
-                                          masked) for kind in KBFGS_STATISTICS}
-    captured = sorted(first["activation_factor"])
-    for kind in KBFGS_STATISTICS[1:]:
-      if sorted(first[kind]) != captured:
-        raise ValueError(f"eva_optax: the captured statistics cover different layers: "
-                         f"{captured} vs {sorted(first[kind])} ('{kind}').")
-    for name in captured:
-      old = state.stats[name]
-      expected = {"activation_factor": (old.a,), "activation_vector": (old.a[..., 0, :-1]
-                  if "bias" in grads[name] else old.a[..., 0, :],),
-                  "output_vectors": (old.s, old.s)}
-      for kind in KBFGS_STATISTICS:
-        transform.check_record(name, first[kind][name], expected[kind],
-                               jnp.shape(grads[name]["kernel"]))
-    return first, captured
 
   def update_fn(updates, state, params=None, *, curvature=None, curvature_fn=None,
                 **extra_args):
     del extra_args
-    if params is None or curvature is None or curvature_fn is None:
-      raise ValueError(
-          "eva_optax: K-BFGS's update needs params, curvature and curvature_fn: "
-          "tx.update(grads, state, params, curvature=curvature, "
-          "curvature_fn=eva_optax.flax.curvature_fn(loss_fn, *batch)), with curvature from "
-          "eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS).")
-    if any(isinstance(leaf, optax.MaskedNode) for leaf in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
-      raise NotImplementedError(
-          "eva_optax: K-BFGS's second pass evaluates the model at trial parameters, so it needs "
-          "all of them; it cannot run inside optax.multi_transform/partition/masked. Use it on "
-          "the whole model (other optimizers can be partitioned).")
+    _check_update_arguments(params, curvature, curvature_fn)
     grads = layers.find_layers(updates, layouts)
     count = state.count
-    masked = transform.masked_layers(updates)
-    first, captured = first_pass(curvature, grads, state, masked)
+    masked = layers.masked_layers(updates, layouts)
+    first, captured = _first_pass(curvature, grads, state, masked)
     stats, factors = dict(state.stats), dict(state.preconditioner)
     directions, lm_a, a_bar = {}, {}, {}
     for name in captured:
       layout = layouts.get(name, layers.Layout())
-      one = functools.partial(precondition, count=count, has_bias="bias" in grads[name])
       stats[name], factors[name], direction, lm_a[name], a_bar[name] = layers.over_stack(
-          one, layout.stacked_axes)(
+          functools.partial(_precondition, settings, count=count,
+                            has_bias="bias" in grads[name]), layout.stacked_axes)(
               state.stats[name], state.preconditioner[name],
               first["activation_factor"][name].a, first["activation_vector"][name].a,
               layers.to_matrix(grads[name], layout))
       directions[name] = layers.from_matrix(direction, grads[name], layout)
     updates = transform.replace_layers(updates, directions, layouts)
 
-    # Second pass on the same batch at the trial point W + αp.
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    trial = jax.tree.map(lambda p, u: (p - jnp.asarray(lr, jnp.float32) * u).astype(p.dtype),
-                         params, updates)
-    second = transform.match_layers(curvature_fn(trial), grads,
-                                    collectors.RECORDS[SECOND_PASS_STATISTICS], "K-BFGS", masked)
-    if sorted(second) != captured:
-      raise ValueError(f"eva_optax: curvature_fn's statistics cover layers {sorted(second)}, "
-                       f"the first pass {captured}.")
+    second = _second_pass(curvature_fn, params, updates, lr, grads, masked, captured)
     for name in captured:
       now = first["output_vectors"][name]
       transform.check_record(name, second[name], now, jnp.shape(grads[name]["kernel"]))
       stats[name], factors[name] = layers.over_stack(
-          learn, layouts.get(name, layers.Layout()).stacked_axes)(
+          functools.partial(_learn, settings), layouts.get(name, layers.Layout()).stacked_axes)(
               stats[name], factors[name], now, second[name], lm_a[name], a_bar[name])
 
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
     return updates, ScaleByKBFGSState(optax.safe_increment(count), stats, factors)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      functools.partial(_init, settings, size, layouts), update_fn)
+
+
+class _Settings(NamedTuple):
+  """The hyperparameters the per-slice steps need (see :func:`scale_by_kbfgs`)."""
+
+  damping: Any
+  limited: bool  # L-BFGS on H^g (K-BFGS(L)) instead of dense BFGS
+  stat_decay: Any
+  pair_decay: Any
+  powell_damping: Any
+  initial_scale: Any
+
+
+def _init(settings: _Settings, size, layouts: Mapping, params) -> ScaleByKBFGSState:
+  if settings.limited and size is None:
+    raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
+                     "static_args=('memory_size',).")
+  if transform.opaque(params):
+    return ScaleByKBFGSState(jnp.zeros((), jnp.int32), transform.PerLayer(),
+                             transform.PerLayer())
+  stats, factors = {}, {}
+  for name, layer in layers.find_layers(params, layouts).items():
+    stack, d_in, d_out, has_bias = transform.layer_shapes(
+        layer, name, layouts.get(name, layers.Layout()))
+    stats[name], factors[name] = transform.stacked_init(
+        _init_layer, stack, settings, size, d_in + has_bias, d_out)
+  return ScaleByKBFGSState(jnp.zeros((), jnp.int32), stats, factors)
+
+
+def _init_layer(settings: _Settings, size, d: int, d_out: int):
+  """(KBFGSStatistics, KBFGSFactors) of one ``[d, d_out]`` slice."""
+  zeros = jnp.zeros((d_out,), jnp.float32)
+  h_g = (bfgs.lbfgs_init(d_out, int(size)) if settings.limited
+         else settings.initial_scale * jnp.eye(d_out, dtype=jnp.float32))
+  return (KBFGSStatistics(jnp.zeros((d, d), jnp.float32), zeros, zeros),
+          KBFGSFactors(jnp.eye(d, dtype=jnp.float32), h_g, jnp.zeros((), jnp.int32)))
+
+
+def _check_update_arguments(params, curvature, curvature_fn) -> None:
+  if params is None or curvature is None or curvature_fn is None:
+    raise ValueError(
+        "eva_optax: K-BFGS's update needs params, curvature and curvature_fn: "
+        "tx.update(grads, state, params, curvature=curvature, "
+        "curvature_fn=eva_optax.flax.curvature_fn(loss_fn, *batch)), with curvature from "
+        "eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS).")
+  if any(isinstance(leaf, optax.MaskedNode) for leaf in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))):
+    raise NotImplementedError(
+        "eva_optax: K-BFGS's second pass evaluates the model at trial parameters, so it needs "
+        "all of them; it cannot run inside optax.multi_transform/partition/masked. Use it on "
+        "the whole model (other optimizers can be partitioned).")
+
+
+def _first_pass(curvature, grads, state, masked):
+  """``({kind: {layer: record}}, sorted layers)`` of the first pass, validated."""
+  first = {kind: transform.match_layers(curvature, grads, collectors.RECORDS[kind], "K-BFGS",
+                                        masked) for kind in KBFGS_STATISTICS}
+  captured = sorted(first["activation_factor"])
+  for kind in KBFGS_STATISTICS[1:]:
+    if sorted(first[kind]) != captured:
+      raise ValueError(f"eva_optax: the captured statistics cover different layers: "
+                       f"{captured} vs {sorted(first[kind])} ('{kind}').")
+  for name in captured:
+    old = state.stats[name]
+    mean_input = old.a[..., 0, :-1] if "bias" in grads[name] else old.a[..., 0, :]
+    expected = {"activation_factor": (old.a,), "activation_vector": (mean_input,),
+                "output_vectors": (old.s, old.s)}
+    for kind in KBFGS_STATISTICS:
+      transform.check_record(name, first[kind][name], expected[kind],
+                             jnp.shape(grads[name]["kernel"]))
+  return first, captured
+
+
+def _second_pass(curvature_fn, params, updates, lr, grads, masked, captured) -> dict:
+  """``{layer: OutputVectors}`` on the same batch at the trial point W + αp (α = ``lr``)."""
+  trial = jax.tree.map(lambda p, u: (p - jnp.asarray(lr, jnp.float32) * u).astype(p.dtype),
+                       params, updates)
+  second = transform.match_layers(curvature_fn(trial), grads,
+                                  collectors.RECORDS[SECOND_PASS_STATISTICS], "K-BFGS", masked)
+  if sorted(second) != captured:
+    raise ValueError(f"eva_optax: curvature_fn's statistics cover layers {sorted(second)}, "
+                     f"the first pass {captured}.")
+  return second
+
+
+def _h_g_product(settings: _Settings, h_g, v):
+  if settings.limited:
+    return bfgs.lbfgs_product(h_g, v, settings.initial_scale)
+  return jnp.matmul(h_g, v, precision=_HIGHEST)
+
+
+def _precondition(settings: _Settings, old, fac, new_a, mean_in, matrix, count, has_bias):
+  """One slice: running A, H^a (explicit inverse on the first step), direction H^a Ĝ H^g."""
+  new_a = jnp.asarray(new_a, jnp.float32)
+  averaged = jnp.where(count == 0, new_a,
+                       settings.stat_decay * old.a + (1.0 - settings.stat_decay) * new_a)
+  a = jnp.where(jnp.all(jnp.isfinite(new_a)), averaged, old.a)
+  lm_a = a + jnp.sqrt(jnp.asarray(settings.damping, jnp.float32)) * jnp.eye(
+      a.shape[0], dtype=jnp.float32)
+  h_a = jax.lax.cond(count == 0, _cholesky_inverse, lambda _: fac.h_a, lm_a)
+  h_a = jnp.where(jnp.all(jnp.isfinite(h_a)), h_a, fac.h_a)
+  mean_in = jnp.asarray(mean_in, jnp.float32)
+  a_bar = jnp.append(mean_in, 1.0) if has_bias else mean_in
+  left = jnp.matmul(h_a, matrix, precision=_HIGHEST)
+  return (old._replace(a=a), fac._replace(h_a=h_a),
+          _h_g_product(settings, fac.h_g, left.T).T, lm_a, a_bar)
+
+
+def _learn(settings: _Settings, old, fac, now, then, lm_a, a_bar):
+  """One slice: the averaged, doubly damped pair updates H^g; Hessian-action BFGS on H^a."""
+  s_new = jnp.asarray(now.y, jnp.float32) - jnp.asarray(then.y, jnp.float32)
+  y_new = jnp.asarray(now.g, jnp.float32) - jnp.asarray(then.g, jnp.float32)
+  finite = collectors.all_finite((s_new, y_new))
+  decay = settings.pair_decay
+  s = jnp.where(finite, decay * old.s + (1.0 - decay) * s_new, old.s)
+  y = jnp.where(finite, decay * old.y + (1.0 - decay) * y_new, old.y)
+  s_d, y_d = bfgs.double_damping(s, y, lambda v: _h_g_product(settings, fac.h_g, v),
+                                 settings.powell_damping,
+                                 jnp.sqrt(jnp.asarray(settings.damping, jnp.float32)))
+  g_norm = jnp.linalg.norm(jnp.asarray(now.g, jnp.float32))
+  accept = finite & bfgs.safely_positive(s_d, y_d, g_norm)
+  h_g = (bfgs.lbfgs_push(fac.h_g, s_d, y_d, accept) if settings.limited
+         else _bfgs_or_keep(fac.h_g, s_d, y_d, accept))
+  s_a = jnp.matmul(fac.h_a, a_bar, precision=_HIGHEST)
+  y_a = jnp.matmul(lm_a, s_a, precision=_HIGHEST)
+  accept_a = bfgs.safely_positive(s_a, y_a, jnp.linalg.norm(a_bar))
+  h_a = _bfgs_or_keep(fac.h_a, s_a, y_a, accept_a)
+  return (old._replace(s=s, y=y),
+          KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32)))
 
 
 def _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,

@@ -275,14 +275,7 @@ def find_layers(tree, layouts: Optional[Mapping[LayerName, Layout]] = None
   Raises:
     ValueError: a layer of ``layouts`` with custom keys whose kernel is not in ``tree``.
   """
-  leaves, masked = {}, set()
-  masked_node = lambda x: isinstance(x, optax.MaskedNode)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=masked_node)[0]:
-    names = dict_path(path)
-    if names is not None and masked_node(leaf):
-      masked.add(names)  # another partition's (optax.multi_transform, partition, masked)
-    elif names is not None:
-      leaves[names] = leaf
+  leaves, masked = _leaves(tree)
   layouts = layouts or {}
   layers = {}
   for path, leaf in leaves.items():
@@ -301,6 +294,27 @@ def find_layers(tree, layouts: Optional[Mapping[LayerName, Layout]] = None
             f"have no {'/'.join(path + (layout.kernel,))!r} (keys there: {siblings or 'none'}).")
       layers[name] = _layer(leaves, path, layout)
   return layers
+
+
+def masked_layers(tree, layouts: Optional[Mapping[LayerName, Layout]] = None) -> set[LayerName]:
+  """Layers whose kernel is an ``optax.MaskedNode`` in ``tree``: owned by another inner
+  optimizer of ``optax.multi_transform``/``optax.partition``/``optax.masked``."""
+  layouts = layouts or {}
+  return {layer_name(path[:-1]) for path in _leaves(tree)[1]
+          if path[-1] == layouts.get(layer_name(path[:-1]), Layout()).kernel}
+
+
+def _leaves(tree) -> tuple[dict, set]:
+  """``({dict path: array}, {dict paths of optax.MaskedNode leaves})`` of ``tree``."""
+  leaves, masked = {}, set()
+  masked_node = lambda x: isinstance(x, optax.MaskedNode)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=masked_node)[0]:
+    names = dict_path(path)
+    if names is not None and masked_node(leaf):
+      masked.add(names)  # another partition's (optax.multi_transform, partition, masked)
+    elif names is not None:
+      leaves[names] = leaf
+  return leaves, masked
 
 
 def _layer(leaves: Mapping, path: tuple, layout: Layout) -> dict[str, jax.Array]:

@@ -301,66 +301,16 @@ def scale_by_shampoo(
     return _plan(x.shape, block_size, skip_dim_gt, exponent_override)
 
   def init_fn(params):
-    def stats_init(param):
-      plan = plan_of(param)
-      return tuple(jnp.broadcast_to(matrix_epsilon * jnp.eye(b, dtype=jnp.float32),
-                                    (_n_blocks(part), b, b))
-                   for part in plan.parts for b in part.block)
-
-    def roots_init(param):
-      plan = plan_of(param)
-      return tuple(jnp.broadcast_to(jnp.eye(b, dtype=jnp.float32), (_n_blocks(part), b, b))
-                   for part in plan.parts for b in part.block)
-
     return ShampooState(
         count=jnp.zeros((), jnp.int32),
-        stats=jax.tree.map(stats_init, params),
-        preconditioner=jax.tree.map(roots_init, params),
+        stats=jax.tree.map(lambda p: _identities(plan_of(p), matrix_epsilon), params),
+        preconditioner=jax.tree.map(lambda p: _identities(plan_of(p), 1.0), params),
         graft=jax.tree.map(lambda p: _graft_init(graft_type, p), params))
-
-  def accumulate(grad, plan, stats):
-    if plan.merged is None:
-      return stats
-    g = grad.reshape(plan.merged)
-    weight = jnp.where(beta2 == 1, 1.0, 1.0 - beta2)
-    new, index = [], 0
-    for part in plan.parts:
-      blocks = _blocks(g, part)
-      for mode in range(len(part.block)):
-        new.append((beta2 * stats[index] + weight * _mode_gram(blocks, mode)).astype(jnp.float32))
-        index += 1
-    return tuple(new)
 
   def root(matrix, p):
     if root_method == "newton":
       return linalg.inverse_pth_root(matrix, p, ridge_epsilon=matrix_epsilon)
     return linalg.inverse_pth_root_eigh(matrix, p, ridge_epsilon=matrix_epsilon)
-
-  def compute_roots(stats, roots, orders):
-    """New roots of every statistic: one vmapped root per (size, p) over all tensors."""
-    groups = {}
-    for i, (s, p) in enumerate(zip(stats, orders)):
-      groups.setdefault((s.shape[-1], p), []).append(i)
-    new = list(roots)
-    for (_, p), members in groups.items():
-      result = jax.vmap(lambda m, p=p: root(m, p))(jnp.concatenate([stats[i] for i in members]))
-      chosen = linalg.select_root(result, jnp.concatenate([roots[i] for i in members]))
-      stop = 0
-      for i in members:
-        start_row, stop = stop, stop + stats[i].shape[0]
-        new[i] = chosen[start_row:stop]
-    return new
-
-  def precondition(grad, plan, roots):
-    g = grad.reshape(plan.merged)
-    pieces, index = [], 0
-    for part in plan.parts:
-      blocks = _blocks(g, part)
-      for mode in range(len(part.block)):
-        blocks = _mode_product(blocks, roots[index], mode)
-        index += 1
-      pieces.append(_unblock(blocks, part))
-    return _assemble(pieces, plan.grid).reshape(grad.shape)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # gradient-only: curvature= and other extra arguments are ignored
@@ -368,36 +318,94 @@ def scale_by_shampoo(
     originals, treedef = jax.tree.flatten(updates)
     grads = [g.astype(jnp.float32) for g in originals]
     plans = [plan_of(g) for g in grads]
-    stats = [accumulate(g, plan, transform.as_sequence(s))
+    stats = [_accumulate(beta2, g, plan, transform.as_sequence(s))
              for g, plan, s in zip(grads, plans, treedef.flatten_up_to(state.stats))]
     old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
-    # Flat lists over every statistic of every tensor, and the root order of each.
-    flat_stats = [s for leaf in stats for s in leaf]
-    flat_roots = [r for leaf in old_roots for r in leaf]
-    orders = [plan.p for plan, leaf in zip(plans, stats) for _ in leaf]
     refresh = (count >= start) & ((count - start) % period == 0)
-    flat_roots = jax.lax.cond(refresh, lambda s, r: compute_roots(s, r, orders),
-                              lambda s, r: list(r), flat_stats, flat_roots)
-    roots, position = [], 0
-    for leaf in stats:
-      roots.append(tuple(flat_roots[position:position + len(leaf)]))
-      position += len(leaf)
+    roots = _refreshed(root, refresh, stats, old_roots, [plan.p for plan in plans])
     out, graft = [], []
-    for grad, plan, leaf_roots, graft_state, original in zip(
-        grads, plans, roots, map(transform.as_sequence, treedef.flatten_up_to(state.graft)), originals):
+    grafts = map(transform.as_sequence, treedef.flatten_up_to(state.graft))
+    for grad, plan, leaf_roots, graft_state, original in zip(grads, plans, roots, grafts,
+                                                             originals):
       graft_step, graft_state = _graft_update(graft_type, grad, graft_state, count, graft_beta1,
                                               graft_beta2, graft_epsilon)
       graft.append(graft_state)
       if plan.merged is None:
         direction = graft_step
       else:
-        shampoo_step = _rescale(precondition(grad, plan, leaf_roots), graft_step)
+        shampoo_step = _rescale(_precondition(grad, plan, leaf_roots), graft_step)
         direction = jnp.where(count >= start, shampoo_step, graft_step)
       out.append(direction.astype(original.dtype))
     return treedef.unflatten(out), ShampooState(
         count + 1, treedef.unflatten(stats), treedef.unflatten(roots), treedef.unflatten(graft))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _identities(plan: _Plan, scale) -> tuple:
+  """``scale · I`` for every statistic of a tensor (its ``[n, b, b]`` stacks)."""
+  return tuple(jnp.broadcast_to(scale * jnp.eye(b, dtype=jnp.float32), (_n_blocks(part), b, b))
+               for part in plan.parts for b in part.block)
+
+
+def _accumulate(beta2, grad, plan: _Plan, stats: tuple) -> tuple:
+  """S ← β₂S + w·(mode Gram of each block), w = 1 if β₂ = 1 else 1 − β₂."""
+  if plan.merged is None:
+    return stats
+  g = grad.reshape(plan.merged)
+  weight = jnp.where(beta2 == 1, 1.0, 1.0 - beta2)
+  new, index = [], 0
+  for part in plan.parts:
+    blocks = _blocks(g, part)
+    for mode in range(len(part.block)):
+      new.append((beta2 * stats[index] + weight * _mode_gram(blocks, mode)).astype(jnp.float32))
+      index += 1
+  return tuple(new)
+
+
+def _refreshed(root, refresh, stats: list, roots: list, orders: list) -> list:
+  """Per tensor, its roots: recomputed from ``stats`` (``lax.cond`` on ``refresh``) or kept.
+  ``orders``: each tensor's root order p."""
+  # Flat lists over every statistic of every tensor, and the root order of each.
+  flat_stats = [s for leaf in stats for s in leaf]
+  flat_orders = [p for p, leaf in zip(orders, stats) for _ in leaf]
+  flat = jax.lax.cond(refresh, lambda s, r: _compute_roots(root, s, r, flat_orders),
+                      lambda s, r: list(r), flat_stats, [r for leaf in roots for r in leaf])
+  out, position = [], 0
+  for leaf in stats:
+    out.append(tuple(flat[position:position + len(leaf)]))
+    position += len(leaf)
+  return out
+
+
+def _compute_roots(root, stats, roots, orders):
+  """New roots of every statistic: one vmapped ``root(matrix, p)`` per (size, p) over all
+  tensors, keeping the previous root where the new one fails (``linalg.select_root``)."""
+  groups = {}
+  for i, (s, p) in enumerate(zip(stats, orders)):
+    groups.setdefault((s.shape[-1], p), []).append(i)
+  new = list(roots)
+  for (_, p), members in groups.items():
+    result = jax.vmap(lambda m, p=p: root(m, p))(jnp.concatenate([stats[i] for i in members]))
+    chosen = linalg.select_root(result, jnp.concatenate([roots[i] for i in members]))
+    stop = 0
+    for i in members:
+      start_row, stop = stop, stop + stats[i].shape[0]
+      new[i] = chosen[start_row:stop]
+  return new
+
+
+def _precondition(grad, plan: _Plan, roots) -> jax.Array:
+  """L^{-1/p} … G … R^{-1/p}: every block multiplied by its mode roots, reassembled."""
+  g = grad.reshape(plan.merged)
+  pieces, index = [], 0
+  for part in plan.parts:
+    blocks = _blocks(g, part)
+    for mode in range(len(part.block)):
+      blocks = _mode_product(blocks, roots[index], mode)
+      index += 1
+    pieces.append(_unblock(blocks, part))
+  return _assemble(pieces, plan.grid).reshape(grad.shape)
 
 
 def shampoo(

@@ -182,20 +182,11 @@ def select_curvature(curvature, kind: type, who: str):
   return curvature
 
 
-def masked_layers(updates) -> set[str]:
-  """Layers whose kernel is an ``optax.MaskedNode`` in ``updates``: owned by another inner
-  optimizer of ``optax.multi_transform``/``optax.partition``/``optax.masked``."""
-  flat = jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
-  return {layers.layer_name(layers.key_path_names(path)[:-1]) for path, leaf in flat
-          if isinstance(leaf, optax.MaskedNode) and layers.key_path_names(path)[-1] == "kernel"}
-
-
 def match_layers(curvature, grads: Mapping, kind: type, who: str,
                  masked: frozenset = frozenset()) -> dict:
   """``{layer: record}`` of ``kind`` from ``curvature``, validated against the kernel-bearing
   layers ``grads``: raises for an empty curvature, a layer without kernel, a wrong record.
-  Layers in ``masked`` (another partition's, see :func:`masked_layers`) are dropped."""
+  Layers in ``masked`` (another partition's, see :func:`layers.masked_layers`) are dropped."""
   flat = collectors.flatten_curvature(select_curvature(curvature, kind, who))
   flat = {name: record for name, record in flat.items() if name not in masked}
   if not flat:
@@ -292,7 +283,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     del params, extra_args
     grads = layers.find_layers(updates, layouts)
     captured = match_layers(curvature, grads, collector.kind, "this optimizer",
-                            masked_layers(updates))
+                            layers.masked_layers(updates, layouts))
     stats, pstates = dict(state.stats), dict(state.preconditioner)
     directions, matrices = {}, {}
     for name, record in captured.items():
