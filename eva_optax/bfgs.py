@@ -127,28 +127,33 @@ def safely_positive(s: jax.Array, y: jax.Array, scale: jax.Array,
 class LBFGSMemory(NamedTuple):
   """The last ``m`` accepted pairs of one L-BFGS matrix, oldest first (float32 arrays).
 
+  Fields are in alphabetical order (as :class:`~eva_optax.ScaleByKroneckerState`, which says
+  why); construct it by keyword.
+
   Attributes:
     s, y: ``[m, n]`` the pairs; empty slots are zero.
     valid: ``[m]`` float32, 1 for a stored pair, 0 for an empty slot (empty slots come first).
   """
 
   s: jax.Array
-  y: jax.Array
   valid: jax.Array
+  y: jax.Array
 
 
 def lbfgs_init(n: int, memory_size: int) -> LBFGSMemory:
   """An empty memory of ``memory_size`` pairs of length ``n``."""
-  zeros = jnp.zeros((memory_size, n), jnp.float32)
-  return LBFGSMemory(zeros, zeros, jnp.zeros((memory_size,), jnp.float32))
+  # One zeros array per field: a state leaf shared by two fields cannot be donated to jit.
+  return LBFGSMemory(s=jnp.zeros((memory_size, n), jnp.float32),
+                     valid=jnp.zeros((memory_size,), jnp.float32),
+                     y=jnp.zeros((memory_size, n), jnp.float32))
 
 
 def lbfgs_push(memory: LBFGSMemory, s: jax.Array, y: jax.Array, accept) -> LBFGSMemory:
   """Appends the pair as the newest (dropping the oldest) when ``accept``; otherwise unchanged."""
   pushed = LBFGSMemory(
-      jnp.concatenate([memory.s[1:], s[None].astype(jnp.float32)]),
-      jnp.concatenate([memory.y[1:], y[None].astype(jnp.float32)]),
-      jnp.concatenate([memory.valid[1:], jnp.ones((1,), jnp.float32)]))
+      s=jnp.concatenate([memory.s[1:], s[None].astype(jnp.float32)]),
+      valid=jnp.concatenate([memory.valid[1:], jnp.ones((1,), jnp.float32)]),
+      y=jnp.concatenate([memory.y[1:], y[None].astype(jnp.float32)]))
   return jax.tree.map(lambda new, old: jnp.where(accept, new, old), pushed, memory)
 
 
@@ -168,7 +173,7 @@ def lbfgs_product(memory: LBFGSMemory, v: jax.Array, gamma=1.0) -> jax.Array:
   Returns:
     Same shape as ``v``.
   """
-  s, y, valid = memory
+  s, y, valid = memory.s, memory.y, memory.valid
   vector = v.ndim == 1
   v = v[:, None] if vector else v
   sy = jnp.matmul(s, y.T, precision=_HIGHEST)
@@ -191,7 +196,7 @@ def lbfgs_product(memory: LBFGSMemory, v: jax.Array, gamma=1.0) -> jax.Array:
 def lbfgs_two_loop(memory: LBFGSMemory, v: jax.Array, gamma=1.0) -> jax.Array:
   """``h v`` by the two-loop recursion (Nocedal 1980); equal to :func:`lbfgs_product` up to
   rounding. ``v``: ``(n,)`` or ``[n, k]``."""
-  s, y, valid = memory
+  s, y, valid = memory.s, memory.y, memory.valid
   rho = valid * _safe_divide(1.0, jnp.sum(s * y, axis=1))
   q = v.astype(jnp.float32)
 

@@ -69,8 +69,10 @@ def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, dampin
   return EvaLayerTerms(direction, gamma, signal)
 
 
-def check_damping(damping, damping_mode, relative_damping, scaling) -> None:
+def check_damping(damping, damping_mode, relative_damping, scaling, stat_decay) -> None:
   transform.check_positive("damping", damping)
+  # Outside [0, 1] the running average extrapolates: −0.5 grows the statistics 1.5× a step.
+  transform.check_unit_interval("stat_decay", stat_decay)
   if damping_mode not in DAMPING_MODES:
     raise ValueError(f"eva_optax: damping_mode must be one of {DAMPING_MODES}, "
                      f"got {damping_mode!r}.")
@@ -133,12 +135,15 @@ def scale_by_eva(
     ``eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_vectors")``).
 
   Raises:
-    ValueError: ``damping <= 0``, ``kl_clip <= 0``, a negative ``relative_damping``, unknown
-      ``damping_mode`` or ``scaling``, ``"kl_clip"`` without ``learning_rate`` or with relative
-      damping; at update time
-      (trace time under jit) missing or mismatched ``curvature``.
+    ValueError: ``damping <= 0``, ``kl_clip <= 0``, a negative ``relative_damping``,
+      ``stat_decay`` outside [0, 1], unknown ``damping_mode`` or ``scaling``, ``"kl_clip"``
+      without ``learning_rate`` or with relative damping, a negative or non-finite
+      ``learning_rate``; at update time (trace time under jit) missing or mismatched
+      ``curvature``, a stale state (see :mod:`eva_optax.guards`).
+    TypeError: integer parameters or gradients, curvature of the wrong kind or dtype, a state
+      restored from a checkpoint without a target.
   """
-  check_damping(damping, damping_mode, relative_damping, scaling)
+  check_damping(damping, damping_mode, relative_damping, scaling, stat_decay)
   natural = scaling == "kl_clip"
 
   def apply(stats, state, grad_matrix):
@@ -153,7 +158,7 @@ def scale_by_eva(
       apply=apply)
   return transform.scale_by_kronecker(
       collectors.kronecker_vectors(stat_decay), preconditioner,
-      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts)
+      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts, name="eva")
 
 
 def eva(
@@ -186,6 +191,9 @@ def eva(
   Returns:
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
     curvature=curvature)``. Works in ``optax.chain`` and ``optax.inject_hyperparams``.
+
+  Raises:
+    ValueError, TypeError: as :func:`scale_by_eva`.
   """
   return transform.with_momentum(
       scale_by_eva(damping, damping_mode=damping_mode, relative_damping=relative_damping,

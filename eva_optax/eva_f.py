@@ -74,13 +74,14 @@ def scale_by_eva_f(
     ``eva_optax.flax.value_and_grad(loss_fn, statistics="activation_vector")``.
 
   Raises:
-    ValueError: ``damping <= 0``, negative ``relative_damping``, unknown ``damping_mode`` or
-      ``scaling`` (``"kl_clip"`` is not offered: Eva-f has no reference clip); at update time
-      missing or mismatched ``curvature``.
+    ValueError: ``damping <= 0``, negative ``relative_damping``, ``stat_decay`` outside
+      [0, 1], unknown ``damping_mode`` or ``scaling`` (``"kl_clip"`` is not offered: Eva-f has
+      no reference clip); at update time missing or mismatched ``curvature``, a stale state.
+    TypeError: as :func:`~eva_optax.scale_by_eva`.
   """
   if scaling == "kl_clip":
     raise ValueError("eva_optax: Eva-f takes scaling='kl_normalize' or None.")
-  check_damping(damping, damping_mode, relative_damping, scaling)
+  check_damping(damping, damping_mode, relative_damping, scaling, stat_decay)
 
   def apply(stats, state, grad_matrix):
     del state
@@ -90,7 +91,7 @@ def scale_by_eva_f(
       init=lambda d_in, d_out, has_bias: (), update=lambda stats, state, count: state,
       apply=apply)
   return transform.scale_by_kronecker(collectors.activation_vector(stat_decay), preconditioner,
-                                      transform.scaling_by_name(scaling), layouts)
+                                      transform.scaling_by_name(scaling), layouts, name="eva_f")
 
 
 def eva_f(
@@ -111,6 +112,9 @@ def eva_f(
 
   Args: as :func:`~eva_optax.eva` and :func:`scale_by_eva_f`. Call ``update(grads, state,
   params, curvature=curvature)`` with ``statistics="activation_vector"``.
+
+  Raises: as :func:`scale_by_eva_f`, and ``ValueError`` for a negative or non-finite
+  ``learning_rate``.
   """
   return transform.with_momentum(
       scale_by_eva_f(damping, damping_mode=damping_mode, relative_damping=relative_damping,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import transform
+from eva_optax import guards, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -99,11 +99,13 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
     the gradients over devices first (as for any optimizer).
 
   Raises:
-    ValueError: ``damping <= 0`` or ``beta2`` outside [0, 1].
+    ValueError: ``damping <= 0`` or ``beta2`` outside [0, 1]; at update time, a state that
+      does not fit the gradients (stale: see :mod:`eva_optax.guards`).
+    TypeError: integer parameters or gradients; a state restored from a checkpoint without a
+      target.
   """
   transform.check_positive("damping", damping)
-  if not (isinstance(beta2, jax.core.Tracer) or 0 <= float(beta2) <= 1):
-    raise ValueError(f"eva_optax: beta2 must lie in [0, 1], got {beta2!r}.")
+  transform.check_unit_interval("beta2", beta2)
 
   def init_fn(params):
     def vectors(p):
@@ -130,7 +132,7 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
       stats.append(vectors)
     return treedef.unflatten(out), EvaSState(state.count + 1, treedef.unflatten(stats))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guards.guarded(optax.GradientTransformationExtraArgs(init_fn, update_fn), "eva_s")
 
 
 def eva_s(
@@ -159,7 +161,8 @@ def eva_s(
     ``optax.inject_hyperparams``.
 
   Raises:
-    ValueError: as :func:`scale_by_eva_s`.
+    ValueError, TypeError: as :func:`scale_by_eva_s`; ``ValueError`` for a negative or
+      non-finite ``learning_rate``.
   """
   return transform.with_momentum(
       scale_by_eva_s(damping, beta2=beta2),

@@ -48,7 +48,7 @@ def scale_by_foof(
   Raises:
     ValueError: as :func:`~eva_optax.scale_by_kfac`.
   """
-  check_inverse_options(damping, inverse_update_period, inverse)
+  check_inverse_options(damping, inverse_update_period, inverse, stat_decay)
 
   def init(d_in, d_out, has_bias):
     del d_out
@@ -64,7 +64,7 @@ def scale_by_foof(
 
   return transform.scale_by_kronecker(
       collectors.activation_factor(stat_decay), transform.Preconditioner(init, update, apply),
-      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts)
+      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts, name="foof")
 
 
 def foof(
@@ -86,6 +86,8 @@ def foof(
 
   Args: as :func:`~eva_optax.kfac`. Call ``update(grads, state, params, curvature=curvature)``
   with ``statistics="activation_factor"``.
+
+  Raises: as :func:`~eva_optax.scale_by_kfac`.
   """
   return transform.with_momentum(
       scale_by_foof(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import bfgs, collectors, layers, transform
+from eva_optax import bfgs, collectors, guards, layers, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # What eva_optax.flax.value_and_grad must capture for K-BFGS (first pass), and for the second.
@@ -66,30 +66,34 @@ class KBFGSStatistics(NamedTuple):
 class KBFGSFactors(NamedTuple):
   """The two inverse factors of one layer.
 
+  Fields are in alphabetical order (as :class:`~eva_optax.ScaleByKroneckerState`, which says
+  why); construct it by keyword.
+
   Attributes:
+    accepted: int32 scalar, number of pairs that updated H^g so far (the rest were skipped).
     h_a: ``[d, d]`` float32, H^a ≈ (A + √λ I)⁻¹.
     h_g: ``[d_out, d_out]`` float32 H^g (K-BFGS), or a :class:`~eva_optax.bfgs.LBFGSMemory` of
       ``memory_size`` pairs of length d_out (K-BFGS(L)).
-    accepted: int32 scalar, number of pairs that updated H^g so far (the rest were skipped).
   """
 
+  accepted: jax.Array
   h_a: jax.Array
   h_g: Any
-  accepted: jax.Array
 
 
 class ScaleByKBFGSState(NamedTuple):
-  """State of :func:`scale_by_kbfgs`.
+  """State of :func:`scale_by_kbfgs` (fields in alphabetical order, as
+  :class:`~eva_optax.ScaleByKroneckerState`).
 
   Attributes:
     count: int32 scalar, number of updates so far.
-    stats: ``{layer name: KBFGSStatistics}`` for every kernel-bearing layer.
     preconditioner: ``{layer name: KBFGSFactors}``.
+    stats: ``{layer name: KBFGSStatistics}`` for every kernel-bearing layer.
   """
 
   count: jax.Array
-  stats: dict
   preconditioner: dict
+  stats: dict
 
 
 def _check(damping, powell_damping, stat_decay, pair_decay, memory_size) -> None:
@@ -100,10 +104,8 @@ def _check(damping, powell_damping, stat_decay, pair_decay, memory_size) -> None
                      f"mixes y with s by θ ∈ [0, 1) only when √λ < 1), got {damping!r}.")
   if (transform.concrete(powell_damping) or 0.0) >= 1.0:
     raise ValueError(f"eva_optax: powell_damping μ₁ must be in (0, 1), got {powell_damping!r}.")
-  for name, value in (("stat_decay", stat_decay), ("pair_decay", pair_decay)):
-    number = transform.concrete(value)
-    if number is not None and not 0.0 <= number < 1.0:
-      raise ValueError(f"eva_optax: {name} must be in [0, 1), got {value!r}.")
+  transform.check_unit_interval("stat_decay", stat_decay, closed_right=False)
+  transform.check_unit_interval("pair_decay", pair_decay, closed_right=False)
   size = None if memory_size is None else transform.concrete(memory_size)
   if size is not None and (size != int(size) or size < 1):
     raise ValueError(f"eva_optax: memory_size must be a positive int or None, got "
@@ -162,11 +164,15 @@ def scale_by_kbfgs(
     float32, returned in each parameter's dtype; the state is float32 (and int32 counters).
 
   Raises:
-    ValueError: λ ∉ (0, 1), μ₁ ∉ (0, 1), a decay ∉ [0, 1), a bad ``memory_size``; at update time
-      (trace time under jit) missing ``params``, ``curvature`` or ``curvature_fn``, or
-      statistics of the wrong kind or shape.
+    ValueError: λ ∉ (0, 1), μ₁ ∉ (0, 1), a decay ∉ [0, 1), a bad ``memory_size``, a negative
+      or non-finite ``learning_rate``; at update time (trace time under jit) missing
+      ``params``, ``curvature`` or ``curvature_fn``, statistics of the wrong kind or shape, a
+      state that does not fit the parameters (stale: see :mod:`eva_optax.guards`).
+    TypeError: integer parameters or gradients, statistics of an integer dtype, a state
+      restored from a checkpoint without a target.
   """
   _check(damping, powell_damping, stat_decay, pair_decay, memory_size)
+  transform.check_learning_rate(learning_rate)
   settings = _Settings(damping, memory_size is not None, stat_decay, pair_decay, powell_damping,
                        initial_scale)
   # optax.inject_hyperparams passes every numeric argument as an array (a tracer under jit);
@@ -205,10 +211,11 @@ def scale_by_kbfgs(
               stats[name], factors[name], now, second[name], lm_a[name], a_bar[name])
 
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
-    return updates, ScaleByKBFGSState(optax.safe_increment(count), stats, factors)
+    return updates, ScaleByKBFGSState(count=optax.safe_increment(count), preconditioner=factors,
+                                      stats=stats)
 
-  return optax.GradientTransformationExtraArgs(
-      functools.partial(_init, settings, size, layouts), update_fn)
+  return guards.guarded(optax.GradientTransformationExtraArgs(
+      functools.partial(_init, settings, size, layouts), update_fn), "K-BFGS")
 
 
 class _Settings(NamedTuple):
@@ -227,24 +234,26 @@ def _init(settings: _Settings, size, layouts: Mapping, params) -> ScaleByKBFGSSt
     raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
                      "static_args=('memory_size',).")
   if transform.opaque(params):
-    return ScaleByKBFGSState(jnp.zeros((), jnp.int32), transform.PerLayer(),
-                             transform.PerLayer())
+    return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32),
+                             preconditioner=transform.PerLayer(), stats=transform.PerLayer())
   stats, factors = {}, {}
   for name, layer in layers.find_layers(params, layouts).items():
     stack, d_in, d_out, has_bias = transform.layer_shapes(
         layer, name, layouts.get(name, layers.Layout()))
     stats[name], factors[name] = transform.stacked_init(
         _init_layer, stack, settings, size, d_in + has_bias, d_out)
-  return ScaleByKBFGSState(jnp.zeros((), jnp.int32), stats, factors)
+  return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32), preconditioner=factors, stats=stats)
 
 
 def _init_layer(settings: _Settings, size, d: int, d_out: int):
   """(KBFGSStatistics, KBFGSFactors) of one ``[d, d_out]`` slice."""
-  zeros = jnp.zeros((d_out,), jnp.float32)
   h_g = (bfgs.lbfgs_init(d_out, int(size)) if settings.limited
          else settings.initial_scale * jnp.eye(d_out, dtype=jnp.float32))
-  return (KBFGSStatistics(jnp.zeros((d, d), jnp.float32), zeros, zeros),
-          KBFGSFactors(jnp.eye(d, dtype=jnp.float32), h_g, jnp.zeros((), jnp.int32)))
+  # A fresh zeros array per field: a buffer shared by s and y cannot be donated to jit.
+  return (KBFGSStatistics(jnp.zeros((d, d), jnp.float32), jnp.zeros((d_out,), jnp.float32),
+                          jnp.zeros((d_out,), jnp.float32)),
+          KBFGSFactors(accepted=jnp.zeros((), jnp.int32), h_a=jnp.eye(d, dtype=jnp.float32),
+                       h_g=h_g))
 
 
 def _check_update_arguments(params, curvature, curvature_fn) -> None:
@@ -337,19 +346,21 @@ def _learn(settings: _Settings, old, fac, now, then, lm_a, a_bar):
   accept_a = bfgs.safely_positive(s_a, y_a, jnp.linalg.norm(a_bar))
   h_a = _bfgs_or_keep(fac.h_a, s_a, y_a, accept_a)
   return (old._replace(s=s, y=y),
-          KBFGSFactors(h_a, h_g, fac.accepted + accept.astype(jnp.int32)))
+          KBFGSFactors(accepted=fac.accepted + accept.astype(jnp.int32), h_a=h_a, h_g=h_g))
 
 
 def _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,
                  pair_decay, powell_damping, initial_scale, layouts):
-  return optax.chain(
+  # Guarded as a whole too: optax.ema runs before scale_by_kbfgs and would meet a stale or
+  # restored-as-dict state first, with optax's own error.
+  return guards.guarded(optax.chain(
       optax.add_decayed_weights(weight_decay),
       optax.ema(momentum, debias=False),
       scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, stat_decay=stat_decay,
                      pair_decay=pair_decay, powell_damping=powell_damping,
                      initial_scale=initial_scale, layouts=layouts),
       optax.scale_by_learning_rate(learning_rate),
-  )
+  ), "K-BFGS")
 
 
 def kbfgs(
@@ -382,6 +393,9 @@ def kbfgs(
     curvature=curvature, curvature_fn=curvature_fn)`` (see :func:`eva_optax.flax.curvature_fn`
     for a training step). State: per layer O(d_in² + d_out²) floats. Works in ``optax.chain``
     and ``optax.inject_hyperparams``.
+
+  Raises:
+    ValueError, TypeError: as :func:`scale_by_kbfgs`.
   """
   return _kbfgs_chain(learning_rate, damping, None, momentum, weight_decay, stat_decay,
                       pair_decay, powell_damping, initial_scale, layouts)
@@ -405,6 +419,9 @@ def kbfgs_l(
   ``initial_scale · I``). State per layer: O(d_in² + 2·m·d_out) floats.
 
   Args: as in :func:`kbfgs`, plus ``memory_size`` m (paper 100).
+
+  Raises:
+    ValueError, TypeError: as :func:`scale_by_kbfgs`.
   """
   return _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, stat_decay,
                       pair_decay, powell_damping, initial_scale, layouts)

@@ -80,8 +80,10 @@ def refresh_every(period, count: jax.Array, compute, state):
   return jax.lax.cond(count % period == 0, refresh, lambda state: state, state)
 
 
-def check_inverse_options(damping, inverse_update_period, inverse: str) -> None:
+def check_inverse_options(damping, inverse_update_period, inverse: str, stat_decay) -> None:
   transform.check_positive("damping", damping)
+  # Outside [0, 1] the running average extrapolates instead of averaging.
+  transform.check_unit_interval("stat_decay", stat_decay)
   transform.check_positive("inverse_update_period", inverse_update_period)
   if inverse not in INVERSE_METHODS:
     raise ValueError(f"eva_optax: inverse must be one of {INVERSE_METHODS}, got {inverse!r}.")
@@ -132,11 +134,15 @@ def scale_by_kfac(
     O(d_in² + d_out²) per layer.
 
   Raises:
-    ValueError: ``damping``, ``inverse_update_period`` or ``kl_clip`` not positive, unknown
-      ``inverse`` or ``scaling``, ``"kl_clip"`` without ``learning_rate``; at update time (trace
-      time under jit) missing or mismatched ``curvature``.
+    ValueError: ``damping``, ``inverse_update_period`` or ``kl_clip`` not positive,
+      ``stat_decay`` outside [0, 1], unknown ``inverse`` or ``scaling``, ``"kl_clip"`` without
+      ``learning_rate``, a negative or non-finite ``learning_rate``; at update time (trace time
+      under jit) missing or mismatched ``curvature``, a stale state (see
+      :mod:`eva_optax.guards`).
+    TypeError: integer parameters or gradients, curvature of the wrong kind or dtype, a state
+      restored from a checkpoint without a target.
   """
-  check_inverse_options(damping, inverse_update_period, inverse)
+  check_inverse_options(damping, inverse_update_period, inverse, stat_decay)
 
   def update(stats, state, count):
     def compute():
@@ -153,7 +159,7 @@ def scale_by_kfac(
   return transform.scale_by_kronecker(
       collectors.kronecker_factors(stat_decay),
       transform.Preconditioner(_identity_inverses, update, apply),
-      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts)
+      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts, name="kfac")
 
 
 def kfac(
@@ -182,6 +188,9 @@ def kfac(
   Returns:
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
     curvature=curvature)`` with ``statistics="kronecker_factors"``.
+
+  Raises:
+    ValueError, TypeError: as :func:`scale_by_kfac`.
   """
   return transform.with_momentum(
       scale_by_kfac(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import linalg, transform
+from eva_optax import guards, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 GRAFT_TYPES = ("sgd", "adagrad", "rmsprop", "adam")
@@ -45,21 +45,24 @@ SHAMPOO_STATIC_ARGS = ("block_size", "start_preconditioning_step",
 class ShampooState(NamedTuple):
   """State of :func:`scale_by_shampoo` (arrays only; checkpoints with orbax).
 
+  Fields are in alphabetical order (as :class:`~eva_optax.ScaleByKroneckerState`, which says
+  why), so leaves of a checkpoint restored as a dict keep their fields.
+
   Attributes:
     count: int32 scalar, number of updates so far.
+    graft: pytree like the params; per tensor ``()`` (SGD), ``(Σ g²,)`` (AdaGrad),
+      ``(EMA g²,)`` (RMSProp) or ``(EMA g, EMA g²)`` (Adam), float32.
+    preconditioner: same structure as ``stats``: the float32 inverse roots S^{-1/p} last
+      computed (identity before the first refresh).
     stats: pytree like the params; per tensor a tuple of float32 stacks ``[n, b, b]``, one per
       (block shape, mode): the statistics of the n blocks of that shape along that mode. ``()``
       for tensors that get the graft update only.
-    preconditioner: same structure as ``stats``: the float32 inverse roots S^{-1/p} last
-      computed (identity before the first refresh).
-    graft: pytree like the params; per tensor ``()`` (SGD), ``(Σ g²,)`` (AdaGrad),
-      ``(EMA g²,)`` (RMSProp) or ``(EMA g, EMA g²)`` (Adam), float32.
   """
 
   count: jax.Array
-  stats: Any
-  preconditioner: Any
   graft: Any
+  preconditioner: Any
+  stats: Any
 
 
 class _Part(NamedTuple):
@@ -178,15 +181,6 @@ def _static_int(name: str, value, minimum: int) -> int:
   return value
 
 
-def _check_unit_interval(name: str, value, *, closed_right: bool) -> None:
-  v = transform.concrete(value)
-  if v is None:
-    return
-  if not (0 <= v <= 1 if closed_right else 0 <= v < 1):
-    interval = "[0, 1]" if closed_right else "[0, 1)"
-    raise ValueError(f"eva_optax: {name} must lie in {interval}, got {value!r}.")
-
-
 def _graft_init(graft_type, param):
   zeros = jnp.zeros(param.shape, jnp.float32)
   return {"sgd": (), "adagrad": (zeros,), "rmsprop": (zeros,), "adam": (zeros, zeros)}[graft_type]
@@ -278,7 +272,10 @@ def scale_by_shampoo(
       /``graft_epsilon``, a negative ``start_preconditioning_step``/``exponent_override``,
       ``beta2`` outside [0, 1], graft decays outside [0, 1), an unknown ``graft_type`` or
       ``root_method``, or a structural int traced by ``optax.inject_hyperparams`` (pass
-      ``static_args=eva_optax.SHAMPOO_STATIC_ARGS``).
+      ``static_args=eva_optax.SHAMPOO_STATIC_ARGS``); at update time, a state that does not
+      fit the gradients (stale: see :mod:`eva_optax.guards`).
+    TypeError: integer parameters or gradients; a state restored from a checkpoint without a
+      target.
   """
   block_size = _static_int("block_size", block_size, 1)
   start = _static_int("start_preconditioning_step", start_preconditioning_step, 0)
@@ -288,9 +285,9 @@ def scale_by_shampoo(
                             skip_preconditioning_dim_size_gt, 1)
   transform.check_positive("matrix_epsilon", matrix_epsilon)
   transform.check_positive("graft_epsilon", graft_epsilon)
-  _check_unit_interval("beta2", beta2, closed_right=True)
-  _check_unit_interval("graft_beta1", graft_beta1, closed_right=False)
-  _check_unit_interval("graft_beta2", graft_beta2, closed_right=False)
+  transform.check_unit_interval("beta2", beta2)
+  transform.check_unit_interval("graft_beta1", graft_beta1, closed_right=False)
+  transform.check_unit_interval("graft_beta2", graft_beta2, closed_right=False)
   if graft_type not in GRAFT_TYPES:
     raise ValueError(f"eva_optax: graft_type must be one of {GRAFT_TYPES}, got {graft_type!r}.")
   if root_method not in ROOT_METHODS:
@@ -337,9 +334,10 @@ def scale_by_shampoo(
         direction = jnp.where(count >= start, shampoo_step, graft_step)
       out.append(direction.astype(original.dtype))
     return treedef.unflatten(out), ShampooState(
-        count + 1, treedef.unflatten(stats), treedef.unflatten(roots), treedef.unflatten(graft))
+        count=count + 1, stats=treedef.unflatten(stats), preconditioner=treedef.unflatten(roots),
+        graft=treedef.unflatten(graft))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guards.guarded(optax.GradientTransformationExtraArgs(init_fn, update_fn), "shampoo")
 
 
 def _identities(plan: _Plan, scale) -> tuple:
@@ -447,7 +445,8 @@ def shampoo(
     ``static_args=eva_optax.SHAMPOO_STATIC_ARGS`` (the structural ints cannot be traced).
 
   Raises:
-    ValueError: as :func:`scale_by_shampoo`.
+    ValueError, TypeError: as :func:`scale_by_shampoo`; ``ValueError`` for a negative or
+      non-finite ``learning_rate``.
   """
   return transform.with_momentum(
       scale_by_shampoo(

@@ -8,13 +8,14 @@ Every optimizer in the package is a pairing passed to :func:`scale_by_kronecker`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, layers
+from eva_optax import collectors, guards, layers
 
 # (directions, gradient matrices, count) -> scalar factor applied to every direction.
 Scaling = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array], jax.Array]
@@ -38,16 +39,22 @@ class Preconditioner(NamedTuple):
 class ScaleByKroneckerState(NamedTuple):
   """State of :func:`scale_by_kronecker`.
 
+  Fields are in alphabetical order, like every state record of the package: a checkpoint
+  restored without a target holds them as a dict, whose leaves come out sorted by key, so
+  ``jax.tree.unflatten(jax.tree.structure(tx.init(params)), jax.tree.leaves(restored))`` cannot
+  swap the statistics and the preconditioner. (Restore with a target all the same:
+  ``checkpointer.restore(path, jax.eval_shape(tx.init, params))``.)
+
   Attributes:
     count: int32 scalar, number of updates so far.
-    stats: ``{layer name: statistics record}`` running statistics of every kernel-bearing layer
-      (a layer stack's with its stack axes leading).
-    preconditioner: ``{layer name: preconditioner state}`` (likewise).
+    preconditioner: ``{layer name: preconditioner state}`` of every kernel-bearing layer (a
+      layer stack's with its stack axes leading).
+    stats: ``{layer name: statistics record}``, the running statistics (likewise).
   """
 
   count: jax.Array
-  stats: dict
   preconditioner: dict
+  stats: dict
 
 
 def as_sequence(leaf) -> tuple:
@@ -77,6 +84,27 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
                      f"got {value!r}.")
 
 
+def check_unit_interval(name: str, value, *, closed_right: bool = True) -> None:
+  """Raises ``ValueError`` when a concrete hyperparameter lies outside [0, 1] ([0, 1) unless
+  ``closed_right``); NaN fails too. Traced values and schedules are not checked."""
+  number = concrete(value)
+  if number is None:
+    return
+  if not (0 <= number <= 1 if closed_right else 0 <= number < 1):
+    interval = "[0, 1]" if closed_right else "[0, 1)"
+    raise ValueError(f"eva_optax: {name} must lie in {interval}, got {value!r}.")
+
+
+def check_learning_rate(learning_rate) -> None:
+  """Raises ``ValueError`` for a concrete learning rate that is negative or not finite (a
+  negative rate ascends the loss, a NaN one poisons every parameter on the first step).
+  Schedules and traced rates (``inject_hyperparams`` under ``jit``) are not checked."""
+  number = concrete(learning_rate)
+  if number is not None and not (math.isfinite(number) and number >= 0):
+    raise ValueError(f"eva_optax: learning_rate must be a finite float >= 0 (or an optax "
+                     f"schedule), got {learning_rate!r}.")
+
+
 def _sum_inner(xs: Mapping[str, jax.Array], ys: Mapping[str, jax.Array]) -> jax.Array:
   return sum(jnp.vdot(xs[k], ys[k]) for k in xs)
 
@@ -95,6 +123,7 @@ def kl_clip(kl_clip_value, learning_rate) -> Scaling:
   check_positive("kl_clip", kl_clip_value)
   if learning_rate is None:
     raise ValueError("eva_optax: scaling='kl_clip' needs the learning_rate (float or schedule).")
+  check_learning_rate(learning_rate)
 
   def scale(directions, grads, count):
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
@@ -230,7 +259,12 @@ def with_momentum(direction: optax.GradientTransformation,
                   weight_decay: float) -> optax.GradientTransformationExtraArgs:
   """``direction`` → ``optax.add_decayed_weights(weight_decay)`` → ``optax.trace(momentum,
   nesterov)`` → ``−learning_rate``: the tail every complete optimizer of the package shares
-  (K-BFGS excepted: the paper applies momentum before its preconditioner)."""
+  (K-BFGS excepted: the paper applies momentum before its preconditioner).
+
+  Raises:
+    ValueError: a concrete ``learning_rate`` that is negative or not finite.
+  """
+  check_learning_rate(learning_rate)
   return optax.chain(
       direction,
       optax.add_decayed_weights(weight_decay),
@@ -240,8 +274,8 @@ def with_momentum(direction: optax.GradientTransformation,
 
 
 def scale_by_kronecker(collector: collectors.Collector, preconditioner: Preconditioner,
-                       scaling: Scaling,
-                       layouts: Optional[Mapping] = None) -> optax.GradientTransformationExtraArgs:
+                       scaling: Scaling, layouts: Optional[Mapping] = None, *,
+                       name: str = "scale_by_kronecker") -> optax.GradientTransformationExtraArgs:
   """Preconditions each captured layer's gradient with its running statistics.
 
   Args:
@@ -254,6 +288,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
       preconditioned with ``jax.vmap``) and several output axes. Layers not listed have
       ``Layout()``: no stack, the last kernel axis is d_out. The capture reports them:
       ``eva_optax.flax.value_and_grad(...).describe(params, *batch).layouts``.
+    name: the optimizer's name in error messages.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None, *,
@@ -263,7 +298,9 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     float32 and returned in each parameter's dtype.
 
   Raises:
-    ValueError / TypeError at ``init``: a layout that does not fit its kernel; at trace time:
+    ValueError / TypeError at ``init``: a layout that does not fit its kernel, integer
+    parameters; at trace time: integer gradients or parameters, a state that does not fit the
+    parameters (stale, or restored without a target: see :mod:`eva_optax.guards`),
     ``curvature`` missing, empty, naming a layer without kernel, of the wrong record type,
     shape or dtype.
   """
@@ -271,13 +308,15 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
 
   def init_fn(params):
     if opaque(params):
-      return ScaleByKroneckerState(jnp.zeros((), jnp.int32), PerLayer(), PerLayer())
+      return ScaleByKroneckerState(count=jnp.zeros((), jnp.int32), preconditioner=PerLayer(),
+                                   stats=PerLayer())
     stats, pstates = {}, {}
     for name, layer in layers.find_layers(params, layouts).items():
       stack, *shapes = layer_shapes(layer, name, layouts.get(name, layers.Layout()))
       stats[name] = stacked_init(collector.init, stack, *shapes)
       pstates[name] = stacked_init(preconditioner.init, stack, *shapes)
-    return ScaleByKroneckerState(jnp.zeros((), jnp.int32), stats, pstates)
+    return ScaleByKroneckerState(count=jnp.zeros((), jnp.int32), preconditioner=pstates,
+                                 stats=stats)
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     del params, extra_args
@@ -303,9 +342,10 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
         name: layers.from_matrix(factor * direction, grads[name],
                                  layouts.get(name, layers.Layout()))
         for name, direction in directions.items()}, layouts)
-    return updates, ScaleByKroneckerState(optax.safe_increment(state.count), stats, pstates)
+    return updates, ScaleByKroneckerState(count=optax.safe_increment(state.count),
+                                          preconditioner=pstates, stats=stats)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guards.guarded(optax.GradientTransformationExtraArgs(init_fn, update_fn), name)
 
 
 def replace_layers(updates, new: Mapping[str, Mapping[str, jax.Array]],

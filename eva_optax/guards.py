@@ -1,0 +1,140 @@
+"""Trace-time guards every optimizer of the package runs before its own update.
+
+Misuse should fail at once with a message that names the cause and the fix, rather than train
+on silently wrong numbers (issue 15). :func:`guarded` wraps a transformation so that
+
+* integer or boolean parameters/gradients raise a ``TypeError`` (a second-order direction of an
+  integer tensor is truncated to zero or to a few integers when cast back);
+* a state that is not shaped like ``tx.init(params)`` raises a ``ValueError`` that blames the
+  stale state (another model's, or an older ``init``'s) instead of the curvature or a raw
+  broadcasting error deep inside the update;
+* a state whose optimizer records came back as plain dicts (an orbax checkpoint restored
+  without a target) raises a ``TypeError`` that names the template route.
+
+All checks look at shapes, dtypes and pytree structure only, so under ``jit`` they cost nothing
+after tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+RESTORE_FIX = ("restore the checkpoint with the state's structure as target: "
+               "checkpointer.restore(path, jax.eval_shape(tx.init, params))")
+REINIT_FIX = ("re-run opt_state = tx.init(params) for these parameters (or " + RESTORE_FIX +
+              ")")
+
+
+def _is_record(node) -> bool:
+  """Whether ``node`` is a NamedTuple (an optimizer state or statistics record)."""
+  return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
+def check_floating(tree, what: str, who: str) -> None:
+  """Raises ``TypeError`` when an array leaf of ``tree`` has an integer or boolean dtype.
+
+  ``float0`` leaves (``jax.grad(..., allow_int=True)``'s gradients of integer inputs) and
+  non-array leaves are skipped: they are not trained.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or dtype == jax.dtypes.float0:
+      continue
+    if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+      raise TypeError(
+          f"eva_optax: {who} got {what} of dtype {dtype} at "
+          f"{jax.tree_util.keystr(path) or '(root)'}: a preconditioned step cast back to an "
+          "integer dtype is truncated (often to all zeros). Train floating-point parameters: "
+          "cast them first, e.g. params = jax.tree.map(lambda p: p.astype(jnp.float32), "
+          "params), then call tx.init(params).")
+
+
+def _sequence(node):
+  """``node``'s children as a list when it is a sequence (tuple, list, or the int-keyed mapping
+  ``nnx.Optimizer`` makes of a tuple), else None."""
+  if isinstance(node, (tuple, list)):
+    return list(node)
+  if isinstance(node, Mapping) and set(node) == set(range(len(node))):
+    return [node[i] for i in range(len(node))]
+  return None
+
+
+def _stale(who: str, where: str, detail: str) -> ValueError:
+  return ValueError(
+      f"eva_optax: {who}'s optimizer state does not fit these parameters: {where} {detail}. "
+      f"The state is stale (from another model's or an older tx.init): {REINIT_FIX}.")
+
+
+def _compare(expected, actual, where: str, who: str) -> None:
+  """Walks ``expected`` (``jax.eval_shape(tx.init, params)``) and ``actual`` together."""
+  if _is_record(expected):
+    if type(actual) is not type(expected):
+      raise TypeError(
+          f"eva_optax: {who}'s optimizer state {where} is a {type(actual).__name__}, not a "
+          f"{type(expected).__name__}: a checkpoint restored without a target gives plain "
+          f"dicts and lists, and rebuilding the state from their leaves would mix up its "
+          f"fields. {RESTORE_FIX[0].upper() + RESTORE_FIX[1:]}.")
+    for field in expected._fields:
+      _compare(getattr(expected, field), getattr(actual, field), f"{where}.{field}", who)
+  elif isinstance(expected, (tuple, list)):
+    items = _sequence(actual)
+    if items is None or len(items) != len(expected):
+      raise _stale(who, where, f"holds {_describe(actual)}, tx.init(params) gives "
+                               f"{len(expected)} entries")
+    for i, (e, a) in enumerate(zip(expected, items)):
+      _compare(e, a, f"{where}[{i}]", who)
+  elif isinstance(expected, Mapping):
+    if not isinstance(actual, Mapping) or set(actual) != set(expected):
+      keys = sorted(map(str, actual)) if isinstance(actual, Mapping) else _describe(actual)
+      raise _stale(who, where, f"has keys {keys}, tx.init(params) gives "
+                               f"{sorted(map(str, expected))}")
+    for key in expected:
+      _compare(expected[key], actual[key], f"{where}[{key!r}]", who)
+  elif isinstance(expected, jax.ShapeDtypeStruct):
+    if not hasattr(actual, "shape") or tuple(actual.shape) != tuple(expected.shape):
+      raise _stale(who, where, f"has shape {getattr(actual, 'shape', _describe(actual))}, "
+                               f"tx.init(params) gives {tuple(expected.shape)}")
+
+
+def _describe(node) -> str:
+  if isinstance(node, (tuple, list, Mapping)):
+    return f"a {type(node).__name__} of {len(node)} entries"
+  return f"a {type(node).__name__}"
+
+
+def check_state(state, init, updates, who: str) -> None:
+  """Raises when ``state`` is not shaped like ``init(updates)`` (see the module docstring).
+
+  Raises:
+    TypeError: an optimizer record restored as a plain dict/list (no checkpoint target).
+    ValueError: missing or extra layers/tensors, or an array of another shape (stale state).
+  """
+  _compare(jax.eval_shape(init, updates), state, "state", who)
+
+
+def guarded(tx: optax.GradientTransformation, who: str) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with the guards of this module: ``init`` checks the parameters' dtypes, ``update``
+  the gradients' and parameters' dtypes and the state against ``tx.init`` (trace time only).
+
+  Raises:
+    TypeError: integer/boolean parameters or gradients; a state restored without a target.
+    ValueError: a stale state (from another model's or an older ``tx.init``).
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    check_floating(params, "parameters", who)
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    check_floating(updates, "gradients", who)
+    if params is not None:
+      check_floating(params, "parameters", who)
+    check_state(state, tx.init, updates, who)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
