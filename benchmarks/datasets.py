@@ -128,3 +128,99 @@ def load_mnist(data_dir: Optional[str] = None) -> Dataset:
 
   return Dataset(images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
                  images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+
+
+def _shared_root(data_dir: Optional[str]) -> pathlib.Path:
+  """``data_dir``, else ``$EVA_OPTAX_DATA``, else ``../shared/data`` (the workplace's copy)."""
+  return pathlib.Path(data_dir or os.environ.get("EVA_OPTAX_DATA") or "../shared/data").expanduser()
+
+
+def _require(path: pathlib.Path, what: str) -> pathlib.Path:
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} not found at {path}; pass --data-dir DIR (data_dir=DIR) or "
+                            "set EVA_OPTAX_DATA=DIR to the directory that holds it.")
+  return path
+
+
+CIFAR10_TRAIN_SHARDS = 5  # cifar10_train_0.npz .. cifar10_train_4.npz (data_batch_1..5)
+
+
+def load_cifar10(data_dir: Optional[str] = None) -> Dataset:
+  """CIFAR-10 from ``<data_dir>/cifar10/*.npz``: uint8 images ``(N, 32, 32, 3)`` (HWC, RGB) and
+  int32 labels; 50,000 train images in the official order, 10,000 test images.
+
+  Raises:
+    FileNotFoundError: a shard is absent (the message names it and the fix).
+  """
+  root = _shared_root(data_dir) / "cifar10"
+
+  def shard(name):
+    with np.load(_require(root / f"{name}.npz", "CIFAR-10 shard")) as arrays:
+      return arrays["images"], arrays["labels"].astype(np.int32)
+
+  train = [shard(f"cifar10_train_{i}") for i in range(CIFAR10_TRAIN_SHARDS)]
+  x_test, y_test = shard("cifar10_test")
+  return Dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                 x_test, y_test)
+
+
+class Text(NamedTuple):
+  """A character corpus as int32 ids of its sorted symbol set."""
+
+  ids: np.ndarray
+  vocabulary: str
+
+
+# The 65 symbols of Tiny Shakespeare, sorted (the model's vocabulary is fixed before any data
+# is read).
+SHAKESPEARE_VOCABULARY = "\n !$&',-.3:;?" + "".join(map(chr, range(65, 91))) + "".join(
+    map(chr, range(97, 123)))
+
+
+def load_shakespeare(data_dir: Optional[str] = None) -> Text:
+  """Tiny Shakespeare (``<data_dir>/tinyshakespeare/input.txt``, 1,115,394 characters) as
+  int32 ids into :data:`SHAKESPEARE_VOCABULARY` (its 65 sorted symbols).
+
+  Raises:
+    FileNotFoundError: the file is absent (the message names it and the fix).
+    ValueError: the file holds other symbols (not the Tiny Shakespeare text).
+  """
+  path = _require(_shared_root(data_dir) / "tinyshakespeare" / "input.txt", "Tiny Shakespeare")
+  text = path.read_text()
+  vocabulary = "".join(sorted(set(text)))
+  if vocabulary != SHAKESPEARE_VOCABULARY:
+    raise ValueError(f"{path} has the symbols {vocabulary!r}, not Tiny Shakespeare's 65.")
+  table = np.zeros(max(map(ord, vocabulary)) + 1, np.int32)
+  table[[ord(c) for c in vocabulary]] = np.arange(len(vocabulary))
+  return Text(table[np.frombuffer(text.encode("utf-32-le"), np.uint32)], vocabulary)
+
+
+def split_text(text: Text, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``train_fraction`` of the ids for training, the rest for validation."""
+  cut = int(train_fraction * len(text.ids))
+  return text.ids[:cut], text.ids[cut:]
+
+
+def language_model_data(text: Text, context: int, held_out_every: int = 3) -> Dataset:
+  """Next-character prediction data: every training window of ``context`` + 1 characters (a
+  strided view, no copy; ``x`` = the first ``context``, ``y`` = the next character at each
+  position), and a fixed held-out set: every ``held_out_every``-th non-overlapping window of
+  the validation split (572 windows, 36,608 predictions for Tiny Shakespeare at context 64)."""
+  train, valid = split_text(text)
+  windows = np.lib.stride_tricks.sliding_window_view(train, context + 1)
+  held_out = valid[:len(valid) // (context + 1) * (context + 1)].reshape(-1, context + 1)
+  held_out = held_out[::held_out_every]
+  return Dataset(windows[:, :-1], windows[:, 1:], held_out[:, :-1], held_out[:, 1:])
+
+
+def augment_crop_flip(rng: np.random.Generator, images: np.ndarray, pad: int = 4) -> np.ndarray:
+  """The standard CIFAR augmentation (He et al. 2016): zero-pad by ``pad`` pixels, take a random
+  crop of the original size, flip horizontally with probability ½. ``images``: ``(B, H, W, C)``."""
+  b, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dy, dx = rng.integers(0, 2 * pad + 1, (2, b))
+  rows = dy[:, None] + np.arange(h)
+  cols = dx[:, None] + np.arange(w)
+  flip = rng.random(b) < 0.5
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]

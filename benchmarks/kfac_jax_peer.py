@@ -79,6 +79,9 @@ class KfacJaxPeer:
 
   def make_step(self, task: models.Task):
     kfac_jax = _import()
+    if task.mutable:
+      raise ValueError(f"the kfac_jax peer does not carry model state ({task.mutable} of task "
+                       f"{task.name}); run it on tasks without BatchNorm.")
     if task.loss not in _REGISTRATIONS:
       raise ValueError(f"the kfac_jax peer has no loss registration for task {task.name}.")
     register = getattr(kfac_jax, _REGISTRATIONS[task.loss])

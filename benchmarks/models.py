@@ -6,6 +6,7 @@ statistics by the batch size into per-example units, which is only right for a m
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -81,6 +82,43 @@ class CNN(nn.Module):
     return nn.Dense(10)(x)
 
 
+class BasicBlock(nn.Module):
+  """The basic residual block of He et al. 2016: two 3×3 convolutions with BatchNorm and ReLU;
+  a strided 1×1 convolution with BatchNorm projects the shortcut where the shape changes."""
+
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.relu(norm()(nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)))
+    y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+    if x.shape != y.shape:
+      x = norm()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
+    return nn.relu(x + y)
+
+
+class ResNet20(nn.Module):
+  """ResNet-20 for 32×32 images (He et al. 2016, §4.2): a 3×3 convolution to 16 channels, three
+  stages of three basic blocks with 16, 32, 64 channels (stride 2 entering stages 2 and 3),
+  global average pooling and a Dense head; BatchNorm after every convolution (running averages
+  in the ``batch_stats`` collection). The shortcut where the shape changes is a 1×1 convolution
+  (the paper's option B) rather than zero padding, which stock Flax modules express directly.
+  0.27 M parameters. ``train`` selects batch statistics (True) or the running averages."""
+
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(16, (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for stage, features in enumerate((16, 32, 64)):
+      for block in range(3):
+        x = BasicBlock(features, 2 if stage > 0 and block == 0 else 1)(x, train)
+    return nn.Dense(self.classes, name="head")(x.mean(axis=(1, 2)))
+
+
 class TransformerBlock(nn.Module):
   """A pre-LayerNorm causal Transformer block: self-attention and a 4×-wide GELU MLP, each in a
   residual branch. Signature ``(carry, _) -> (carry, None)`` so that ``nn.scan`` stacks it."""
@@ -99,20 +137,22 @@ class TransformerBlock(nn.Module):
 class TransformerLM(nn.Module):
   """A character-level causal Transformer language model from stock Flax modules: token and
   position ``nn.Embed``, ``depth`` blocks stacked with ``nn.scan`` (one stacked parameter axis)
-  and rematerialized with ``nn.remat``, a final LayerNorm and a Dense head. Input ``[B, T]``
-  int tokens, output ``[B, T, vocab]`` logits."""
+  and rematerialized with ``nn.remat`` (unless ``remat=False``), a final LayerNorm and a Dense
+  head. Input ``[B, T]`` int tokens, output ``[B, T, vocab]`` logits."""
 
   vocab: int
   width: int = 128
   depth: int = 4
   heads: int = 4
   context: int = 64
+  remat: bool = True
 
   @nn.compact
   def __call__(self, tokens):
     positions = jnp.arange(tokens.shape[-1])
     x = nn.Embed(self.vocab, self.width)(tokens) + nn.Embed(self.context, self.width)(positions)
-    blocks = nn.scan(nn.remat(TransformerBlock), variable_axes={"params": 0},
+    block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    blocks = nn.scan(block, variable_axes={"params": 0},
                      split_rngs={"params": True}, length=self.depth)
     x, _ = blocks(self.heads, name="blocks")(x, None)
     return nn.Dense(self.vocab, name="head")(nn.LayerNorm()(x))
@@ -135,16 +175,29 @@ class Task(NamedTuple):
 
   Attributes:
     name: the ``--task`` name.
-    model: the Flax Linen module; ``model.apply({"params": p}, x)`` gives the output.
+    model: the Flax Linen module; ``model.apply(variables, x)`` gives the output.
     loss: ``(output, targets) -> scalar``, the mean over the batch.
     metric_name: what ``metric`` measures, for tables and plots.
-    metric: ``(params, x, y) -> float`` on a whole (test) set.
-    eval_loss: ``(params, x, y) -> float``, ``loss`` over a whole set.
+    metric: ``(params, x, y, model_state=None) -> float`` on a whole (test) set.
+    eval_loss: ``(params, x, y, model_state=None) -> float``, ``loss`` over a whole set.
     batch_size: default minibatch size.
     epochs: default number of epochs.
     load: ``data_dir -> Dataset`` of raw data.
     prepare: ``Dataset -> Dataset`` of model inputs and loss targets (flattening, targets = inputs).
     log_loss: whether loss curves read better on a log axis.
+    mutable: collections the model updates in training (``("batch_stats",)`` for BatchNorm);
+      the model then takes ``train=`` (True in training steps, False in evaluations).
+    augment: ``(np.random.Generator, x_batch) -> x_batch`` applied on the host to training
+      batches, or ``None``.
+    steps: default number of steps (instead of ``epochs``), or ``None``.
+    eval_every: steps between evaluations (``None``: once per epoch).
+    goal: ``"max"`` when a higher ``metric`` is better, else ``"min"``.
+    test_loss: like ``eval_loss`` on the test set, reported beside ``metric``; or ``None``.
+    schedule: default ``--schedule``; ``warmup`` its warmup steps (``warmup_cosine``).
+    baseline: the registry name the time-to-target table divides by.
+    targets: default ``--targets`` (values of ``metric``).
+    head: the output layer's name (Muon leaves it to Adam), or ``None``.
+    eval_subset: default ``--eval-subset`` (training examples whose loss is reported).
   """
 
   name: str
@@ -158,6 +211,35 @@ class Task(NamedTuple):
   load: Callable[[Optional[str]], datasets.Dataset]
   prepare: Callable[[datasets.Dataset], datasets.Dataset]
   log_loss: bool = False
+  mutable: tuple[str, ...] = ()
+  augment: Optional[Callable[[np.random.Generator, np.ndarray], np.ndarray]] = None
+  steps: Optional[int] = None
+  eval_every: Optional[int] = None
+  goal: str = "max"
+  test_loss: Optional[Callable[..., float]] = None
+  schedule: str = "cosine"
+  warmup: int = 0
+  baseline: str = "sgd"
+  targets: tuple[float, ...] = ()
+  head: Optional[str] = None
+  eval_subset: int = 10000
+
+  def init(self, rng: jax.Array, x: np.ndarray) -> tuple[dict, dict]:
+    """``(params, model_state)`` of a fresh model; ``model_state`` holds the ``mutable``
+    collections (empty for models without any)."""
+    kwargs = {"train": False} if self.mutable else {}
+    variables = dict(self.model.init(rng, x, **kwargs))
+    return variables.pop("params"), variables
+
+  def apply(self, params, model_state, x, *, train: bool):
+    """The model output; in training with ``mutable`` collections, ``(output, new_state)``."""
+    variables = {"params": params, **(model_state or {})}
+    if not self.mutable:
+      return self.model.apply(variables, x)
+    if train:
+      output, state = self.model.apply(variables, x, train=True, mutable=list(self.mutable))
+      return output, dict(state)
+    return self.model.apply(variables, x, train=False)
 
 
 def chunked_mean(batch_mean: Callable, params, x: np.ndarray, y: np.ndarray) -> float:
@@ -224,21 +306,55 @@ def accuracy(logits, labels):
   return jnp.mean(logits.argmax(axis=-1) == labels)
 
 
-def _over_set(model: nn.Module, batch_fn: Callable) -> Callable[..., float]:
-  """``(params, x, y) -> float``: ``batch_fn(output, y)`` averaged over a whole set."""
-  jitted = jax.jit(lambda p, x, y: batch_fn(model.apply({"params": p}, x), y))
-  return lambda p, x, y: chunked_mean(jitted, p, x, y)
+def _over_set(model: nn.Module, batch_fn: Callable, train_flag: bool) -> Callable[..., float]:
+  """``(params, x, y, model_state=None) -> float``: ``batch_fn(output, y)`` averaged over a whole
+  set, the model in evaluation mode (BatchNorm's running averages)."""
+  kwargs = {"train": False} if train_flag else {}
+  jitted = jax.jit(lambda v, x, y: batch_fn(model.apply(v, x, **kwargs), y))
+  return lambda p, x, y, state=None: chunked_mean(jitted, {"params": p, **(state or {})}, x, y)
 
 
-def _task(name, model, loss, batch_size, epochs, load, prepare, classifier=True, log_loss=False):
-  eval_loss = _over_set(model, loss)
+def _task(name, model, loss, batch_size, epochs, load, prepare, classifier=True, **options):
+  train_flag = bool(options.get("mutable"))
+  eval_loss = _over_set(model, loss, train_flag)
   # Classifiers report test accuracy, the autoencoder its loss on the test set.
   if classifier:
-    metric_name, metric = "test accuracy", _over_set(model, accuracy)
+    metric_name, metric = "test accuracy", _over_set(model, accuracy, train_flag)
+    options.setdefault("test_loss", eval_loss)
   else:
     metric_name, metric = "test reconstruction error", eval_loss
+    options.setdefault("goal", "min")
   return Task(name, model, loss, metric_name, metric, eval_loss, batch_size, epochs, load,
-              prepare, log_loss)
+              prepare, **options)
+
+
+def _normalize_images(data: datasets.Dataset) -> datasets.Dataset:
+  """uint8 HWC images to float32 standardized by the training set's per-channel mean and std."""
+  pixels = data.x_train.reshape(-1, data.x_train.shape[-1])
+  mean = pixels.mean(axis=0, dtype=np.float64)
+  std = np.sqrt((np.square(pixels, dtype=np.float64)).mean(axis=0) - mean ** 2)
+  scale = lambda x: ((x - mean) / std).astype(np.float32)
+  return data._replace(x_train=scale(data.x_train), x_test=scale(data.x_test))
+
+
+SHAKESPEARE_CONTEXT = 64
+
+
+def _shakespeare_char() -> Task:
+  """The character-level Transformer on Tiny Shakespeare (the widely used CPU configuration:
+  4 layers, 4 heads, width 128, context 64, batch 12, no dropout, 2,000 steps; AdamW with
+  warmup then cosine). Validation metric: mean cross-entropy in nats per character over every
+  third non-overlapping 65-character window of the last 10 % of the text (572 windows)."""
+  vocab = len(datasets.SHAKESPEARE_VOCABULARY)
+  model = TransformerLM(vocab, width=128, depth=4, heads=4, context=SHAKESPEARE_CONTEXT,
+                        remat=False)
+  load = lambda data_dir: datasets.language_model_data(datasets.load_shakespeare(data_dir),
+                                                       SHAKESPEARE_CONTEXT)
+  eval_loss = _over_set(model, cross_entropy, False)
+  return Task("shakespeare_char", model, cross_entropy, "validation loss", eval_loss, eval_loss,
+              12, 1, load, lambda d: d, steps=2000, eval_every=100, goal="min",
+              schedule="warmup_cosine", warmup=100, baseline="adamw", targets=(2.0, 1.88),
+              head="head", eval_subset=256)
 
 
 TASKS: dict[str, Callable[[], Task]] = {
@@ -259,6 +375,13 @@ TASKS: dict[str, Callable[[], Task]] = {
                                datasets.load_mnist, _flatten),
     "mnist_cnn": lambda: _task("mnist_cnn", CNN(), cross_entropy, 128, 2, datasets.load_mnist,
                                lambda d: d),
+    # He et al.'s CIFAR recipe (batch 128, standard augmentation); the CPU protocol in
+    # benchmarks/RESULTS.md trains far fewer steps than the paper's 64k.
+    "cifar10_resnet": lambda: _task(
+        "cifar10_resnet", ResNet20(), cross_entropy, 128, 30, datasets.load_cifar10,
+        _normalize_images, mutable=("batch_stats",), augment=datasets.augment_crop_flip,
+        eval_every=100, targets=(0.8,), head="head", eval_subset=2000),
+    "shakespeare_char": _shakespeare_char,
 }
 
 

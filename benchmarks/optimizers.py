@@ -9,6 +9,8 @@ import ast
 import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import eva_optax
@@ -28,6 +30,8 @@ class OptimizerSpec(NamedTuple):
     task_defaults: per task name, keyword arguments that replace ``defaults`` on that task.
     diagnostics: optional ``(grads, opt_state, kwargs) -> {layer: {name: scalar}}`` reported
       for the final state (``kwargs``: every keyword argument ``make`` received).
+    needs_model: ``make`` also takes ``params``, ``layouts`` and ``head`` (the task's output
+      layer) to decide which parameters get which update (Muon).
   """
 
   make: Callable[..., optax.GradientTransformation]
@@ -36,18 +40,69 @@ class OptimizerSpec(NamedTuple):
   defaults: Mapping[str, Any] = {}
   task_defaults: Mapping[str, Mapping[str, Any]] = {}
   diagnostics: Optional[Callable[..., Mapping]] = None
+  needs_model: bool = False
 
 
 def _eva_diagnostics(grads, opt_state, kwargs):
-  return eva_optax.eva_diagnostics(
-      grads, optax.tree_utils.tree_get(opt_state, "stats"), damping=kwargs["damping"],
-      damping_mode=kwargs["damping_mode"], relative_damping=kwargs["relative_damping"],
-      layouts=kwargs.get("layouts"))
+  """``eva_optax.eva_diagnostics`` plus ``g_norm`` = ‖ḡ‖ of the running vector (per slice)."""
+  stats = optax.tree_utils.tree_get(opt_state, "stats")
+  out = eva_optax.eva_diagnostics(
+      grads, stats, damping=kwargs["damping"], damping_mode=kwargs["damping_mode"],
+      relative_damping=kwargs["relative_damping"], layouts=kwargs.get("layouts"))
+  return {name: {**values, "g_norm": jnp.linalg.norm(stats[name].g, axis=-1)}
+          for name, values in out.items()}
 
 
-def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn) -> dict[str, float]:
-  return dict(digits_mlp=digits_mlp, mnist_autoencoder=mnist_autoencoder, mnist_mlp=mnist_mlp,
-              mnist_cnn=mnist_cnn)
+def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn, cifar10_resnet=None,
+              shakespeare_char=None) -> dict[str, float]:
+  lrs = dict(digits_mlp=digits_mlp, mnist_autoencoder=mnist_autoencoder, mnist_mlp=mnist_mlp,
+             mnist_cnn=mnist_cnn, cifar10_resnet=cifar10_resnet,
+             shakespeare_char=shakespeare_char)
+  return {task: lr for task, lr in lrs.items() if lr is not None}
+
+
+def sgd_nesterov(learning_rate, *, momentum: float = 0.9, weight_decay: float = 5e-4):
+  """The standard CIFAR recipe: SGD with Nesterov momentum and L2 weight decay added to the
+  gradient (``optax.add_decayed_weights`` before ``optax.sgd``)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum, nesterov=True))
+
+
+def adamw(learning_rate, *, b2: float = 0.99, weight_decay: float = 0.1):
+  """``optax.adamw`` with the character-level Transformer recipe's β₂ and weight decay."""
+  return optax.adamw(learning_rate, b2=b2, weight_decay=weight_decay)
+
+
+def muon_dimension_numbers(params, layouts, head: Optional[str]):
+  """Muon's per-parameter matrix view: every kernel the capture sees (``layouts`` from
+  ``CaptureInfo``: stacked axes are Muon's batch axes, the output axes its output axes, the rest
+  its reduction axes) except the ``head`` layer; ``None`` (Adam) for embeddings, norms, biases
+  and the head, as optax's Muon documentation recommends."""
+  layouts = eva_optax.transform.flat_layouts(layouts)
+  kernels = eva_optax.layers.find_layers(params, layouts)
+
+  def spec(path, leaf):
+    keys = eva_optax.layers.dict_path(path)
+    name = eva_optax.layers.layer_name(keys[:-1])
+    layout = layouts.get(name, eva_optax.Layout())
+    if name not in kernels or name == head or keys[-1] != layout.kernel:
+      return None
+    outputs = leaf.ndim - layout.output_axes
+    return optax.contrib.MuonDimensionNumbers(tuple(range(layout.stacked_axes, outputs)),
+                                              tuple(range(outputs, leaf.ndim)))
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def muon(learning_rate, *, adam_lr_ratio: float = 0.05, beta: float = 0.95,
+         adam_b2: float = 0.99, params=None, layouts=None, head=None):
+  """``optax.contrib.muon`` on the hidden matrices (:func:`muon_dimension_numbers`) with Adam on
+  the rest at ``adam_lr_ratio`` × the learning rate (the same schedule)."""
+  adam_lr = (lambda t: adam_lr_ratio * learning_rate(t)) if callable(learning_rate) else (
+      adam_lr_ratio * learning_rate)
+  return optax.contrib.muon(
+      learning_rate, beta=beta, adam_b2=adam_b2, adam_learning_rate=adam_lr,
+      muon_weight_dimension_numbers=muon_dimension_numbers(params, layouts, head))
 
 
 _KFAC_AUTOENCODER = {"mnist_autoencoder": {"damping": 10.0, "kl_clip": 3.0}}
@@ -57,31 +112,47 @@ _KFAC_AUTOENCODER = {"mnist_autoencoder": {"damping": 10.0, "kl_clip": 3.0}}
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(optax.sgd, None, _per_task(0.3, 0.003, 0.05, 0.1), {"momentum": 0.9}),
     "adam": OptimizerSpec(optax.adam, None, _per_task(3e-2, 1e-3, 1e-3, 1e-3)),
-    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(0.3, 0.5, 0.1, 0.1),
+    # The peers of the real workloads (benchmarks/RESULTS.md, issue 13, for the tuning grids).
+    "sgd_nesterov": OptimizerSpec(sgd_nesterov, None, _per_task(
+        None, None, None, None, cifar10_resnet=0.1, shakespeare_char=0.3)),
+    "adamw": OptimizerSpec(adamw, None, _per_task(
+        None, None, None, None, cifar10_resnet=1e-3, shakespeare_char=1e-3)),
+    "muon": OptimizerSpec(muon, None, _per_task(
+        None, None, None, None, cifar10_resnet=0.02, shakespeare_char=0.02), needs_model=True),
+    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(
+        0.3, 0.5, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1),
                          diagnostics=_eva_diagnostics),
     # Autoencoder: the KL clip binds at lr 300, so the step is √κ-normalized (capped by the cosine
     # schedule's lr); γ = 10, κ = 3 sit in the region of the grid (RESULTS.md, issue 3) where
     # every neighbour also trained.
-    "kfac": OptimizerSpec(eva_optax.kfac, "kronecker_factors", _per_task(0.3, 300.0, 0.1, 0.1),
+    "kfac": OptimizerSpec(eva_optax.kfac, "kronecker_factors", _per_task(
+        0.3, 300.0, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1),
                           task_defaults=_KFAC_AUTOENCODER),
     # The same lrs and keyword defaults as kfac: an equal-settings peer (benchmarks/RESULTS.md).
-    "kfac_jax": OptimizerSpec(kfac_jax_peer.kfac_jax_peer, None, _per_task(0.3, 300.0, 0.1, 0.1),
+    "kfac_jax": OptimizerSpec(kfac_jax_peer.kfac_jax_peer, None, _per_task(
+        0.3, 300.0, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1),
                               task_defaults=_KFAC_AUTOENCODER),
-    "foof": OptimizerSpec(eva_optax.foof, "activation_factor", _per_task(0.3, 0.3, 0.1, 0.1)),
-    "eva_f": OptimizerSpec(eva_optax.eva_f, "activation_vector", _per_task(0.3, 0.5, 0.1, 0.1)),
+    "foof": OptimizerSpec(eva_optax.foof, "activation_factor", _per_task(
+        0.3, 0.3, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1)),
+    "eva_f": OptimizerSpec(eva_optax.eva_f, "activation_vector", _per_task(
+        0.3, 0.5, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1)),
     # λ 0.3 (the paper's) is the default. Autoencoder lr 0.1: the paper's 0.3 diverged here
     # (benchmarks/RESULTS.md, issue 6); the classifier lrs are K-FAC's, not tuned for K-BFGS.
     # The second pass gets `curvature_fn` from train.make_step.
     "kbfgs": OptimizerSpec(eva_optax.kbfgs, eva_optax.KBFGS_STATISTICS,
-                           _per_task(0.3, 0.1, 0.1, 0.1)),
+                           _per_task(0.3, 0.1, 0.1, 0.1, cifar10_resnet=0.1,
+                                     shakespeare_char=0.01)),
     "kbfgs_l": OptimizerSpec(eva_optax.kbfgs_l, eva_optax.KBFGS_STATISTICS,
-                             _per_task(0.3, 0.1, 0.1, 0.1)),
+                             _per_task(0.3, 0.1, 0.1, 0.1, cifar10_resnet=0.1,
+                                       shakespeare_char=0.01)),
     # Gradient-only (statistics None); lrs: best of the grids in benchmarks/RESULTS.md (issue 4;
     # mnist_cnn: 20k-example subset). Shampoo's roots every 10 steps: on 2 CPU cores a refresh of
     # the autoencoder's ~400 blocks costs seconds.
-    "shampoo": OptimizerSpec(eva_optax.shampoo, None, _per_task(0.03, 0.003, 0.003, 0.003),
+    "shampoo": OptimizerSpec(eva_optax.shampoo, None, _per_task(
+        0.03, 0.003, 0.003, 0.003, cifar10_resnet=0.003, shakespeare_char=0.001),
                              {"preconditioning_compute_steps": 10}),
-    "eva_s": OptimizerSpec(eva_optax.eva_s, None, _per_task(0.5, 0.003, 0.2, 0.1)),
+    "eva_s": OptimizerSpec(eva_optax.eva_s, None, _per_task(
+        0.5, 0.003, 0.2, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1)),
 }
 
 
@@ -145,11 +216,15 @@ def make_kwargs(config: RunConfig, task: str) -> dict[str, Any]:
   return {**signature, **_given_kwargs(config, task)}
 
 
-def make(config: RunConfig, task: str, learning_rate, layouts=None):
+def make(config: RunConfig, task: str, learning_rate, layouts=None, params=None,
+         head: Optional[str] = None):
   """The run's optimizer on ``task`` with ``learning_rate`` (a float or an optax schedule);
-  capture-based optimizers also get the model's ``layouts`` (``CaptureInfo.layouts``)."""
+  capture-based optimizers also get the model's ``layouts`` (``CaptureInfo.layouts``), and one
+  that ``needs_model`` the initial ``params``, ``layouts`` and the output layer's name ``head``."""
   spec = OPTIMIZERS[config.name]
   extra = {"layouts": layouts} if spec.statistics is not None and layouts else {}
+  if spec.needs_model:
+    extra = {"params": params, "layouts": layouts, "head": head}
   return spec.make(learning_rate, **_given_kwargs(config, task), **extra)
 
 

@@ -119,7 +119,7 @@ def test_digits_run(tmp_path):
   assert set(diagnostics) == {"Dense_0", "Dense_1"}
   for values in diagnostics.values():
     assert set(values) == {"signal_to_damping", "removed_fraction"}
-  assert results["runs"]["sgd"]["summary"]["ratio_to_sgd"] == 1.0
+  assert results["runs"]["sgd"]["summary"]["step_ratio"] == 1.0
 
 
 def test_kronecker_baselines_and_the_kfac_jax_peer_run(tmp_path):
@@ -171,7 +171,7 @@ def test_cnn_run_on_synthetic_mnist(tmp_path, offline):
                       "--optimizers", "eva:lr=0.05", "--data-dir", str(tmp_path),
                       "--out", str(tmp_path), "--no-plot"])
   entry = results["runs"]["eva:lr=0.05"]
-  assert entry["summary"]["ratio_to_sgd"] is None  # no sgd in this process
+  assert entry["summary"]["step_ratio"] is None  # no sgd in this process
   assert set(entry["seeds"][0]["diagnostics"]) == {"Conv_0", "Conv_1", "Conv_2", "Dense_0",
                                                    "Dense_1"}
   assert not (tmp_path / "mnist_cnn.png").exists()
