@@ -17,7 +17,7 @@ picks its own kind from such a dict.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,31 +124,60 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def running_average(old, new, count: jax.Array, stat_decay: float):
+def keep_unless(reject: jax.Array, new, old):
+  """``old`` where the boolean scalar ``reject`` is true, else ``new`` (pytrees alike): the one
+  way a bad record, gradient or inverse is kept out of an optimizer's state."""
+  return jax.tree.map(lambda n, o: jnp.where(reject, o, n), new, old)
+
+
+# A record whose largest |entry| exceeds the running average's by more than this factor is
+# treated like a non-finite one (see running_average's max_jump).
+MAX_SCALE_JUMP = 1e6
+
+
+def scale_jumped(old, new, max_jump: float) -> jax.Array:
+  """Boolean scalar: some field of ``new`` has a largest |entry| above ``max_jump`` times that
+  of the same field of ``old`` (a field of ``old`` that is all zero accepts any scale)."""
+  jumps = []
+  for o, n in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
+    top = jnp.max(jnp.abs(o))
+    jumps.append((top > 0) & (jnp.max(jnp.abs(n)) > max_jump * top))
+  return jnp.any(jnp.stack(jumps))
+
+
+def running_average(old, new, count: jax.Array, stat_decay: float,
+                    max_jump: Optional[float] = None):
   """The reference's convention: ``m = new`` on the first step (count 0), then
   ``m ← stat_decay · new + (1 − stat_decay) · m`` — ``stat_decay`` weights the *new* value.
 
   A record with a non-finite entry (a bad batch) leaves ``old`` as it was, so one bad step
   cannot poison the statistics for good (its update is still non-finite, which
-  ``optax.apply_if_finite`` can skip).
+  ``optax.apply_if_finite`` can skip). With ``max_jump``, so does a finite record after the
+  first whose scale (largest |entry| of a field) exceeds ``max_jump`` times the running
+  average's: a single 1e30 record weighted 0.05 would otherwise dominate the average for
+  hundreds of steps. The first record is always taken (unless non-finite).
   """
   first = count == 0
-  finite = all_finite(new)
-  return jax.tree.map(
-      lambda o, n: jnp.where(finite, jnp.where(first, n, stat_decay * n + (1.0 - stat_decay) * o),
-                             o), old, new)
+  reject = ~all_finite(new)
+  if max_jump is not None:
+    reject |= ~first & scale_jumped(old, new, max_jump)
+  averaged = jax.tree.map(
+      lambda o, n: jnp.where(first, n, stat_decay * n + (1.0 - stat_decay) * o), old, new)
+  return keep_unless(reject, averaged, old)
 
 
 def _collector(kind: type, shapes: Callable, stat_decay: float,
-               with_bias: Callable = lambda stats: stats) -> Collector:
+               with_bias: Callable = lambda stats: stats,
+               max_jump: Optional[float] = None) -> Collector:
   """A collector of float32 running averages of ``kind`` records with ``shapes(d_in, d_aug,
-  d_out)`` (``d_aug`` = d_in + 1 with a bias)."""
+  d_out)`` (``d_aug`` = d_in + 1 with a bias), rejecting records as :func:`running_average`
+  does with ``max_jump``."""
   def init(d_in, d_out, has_bias):
     return kind(*(jnp.zeros(s, jnp.float32) for s in shapes(d_in, d_in + has_bias, d_out)))
 
   def update(old, new, count):
     new = kind(*(jnp.asarray(v, jnp.float32) for v in new))
-    return running_average(old, new, count, stat_decay)
+    return running_average(old, new, count, stat_decay, max_jump)
 
   return Collector(kind, init, update, with_bias)
 
@@ -165,14 +194,18 @@ def kronecker_vectors(stat_decay: float) -> Collector:
 
 
 def kronecker_factors(stat_decay: float) -> Collector:
-  """K-FAC's A, G (O(d_in² + d_out²) state per layer)."""
+  """K-FAC's A, G (O(d_in² + d_out²) state per layer). A record whose A or G jumps in scale by
+  more than :data:`MAX_SCALE_JUMP` is rejected: K-FAC's small stat_decay (0.05) would keep it
+  for hundreds of steps."""
   return _collector(KroneckerFactors,
-                    lambda d_in, d_aug, d_out: ((d_aug, d_aug), (d_out, d_out)), stat_decay)
+                    lambda d_in, d_aug, d_out: ((d_aug, d_aug), (d_out, d_out)), stat_decay,
+                    max_jump=MAX_SCALE_JUMP)
 
 
 def activation_factor(stat_decay: float) -> Collector:
-  """FOOF's A (O(d_in²) state per layer)."""
-  return _collector(ActivationFactor, lambda d_in, d_aug, d_out: ((d_aug, d_aug),), stat_decay)
+  """FOOF's A (O(d_in²) state per layer); scale jumps rejected as in :func:`kronecker_factors`."""
+  return _collector(ActivationFactor, lambda d_in, d_aug, d_out: ((d_aug, d_aug),), stat_decay,
+                    max_jump=MAX_SCALE_JUMP)
 
 
 def activation_vector(stat_decay: float) -> Collector:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, layers, transform
+from eva_optax import collectors, layers, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DAMPING_MODES = ("absolute", "relative")
@@ -49,6 +49,32 @@ def effective_damping(signal: jax.Array, damping, damping_mode: str, relative_da
   return gamma
 
 
+def removed_fraction(log_signal: jax.Array, damping, damping_mode: str,
+                     relative_damping) -> jax.Array:
+  """r = μ/(μ + γ_eff), the fraction of the gradient's component along the rank-one curvature
+  direction that Sherman–Morrison removes, from log μ (μ itself overflows float32 for
+  statistics ≳ 1e10 per vector entry): 1/(1 + γ/μ) (``"absolute"``), at most 1/(1 + λ)
+  (``"relative"``, γ_eff = max(γ, λμ)). μ = 0 (log μ = −∞) gives 0."""
+  log_gamma = jnp.log(jnp.asarray(damping, jnp.float32))
+  fraction = jax.nn.sigmoid(log_signal - log_gamma)
+  if damping_mode == "relative":
+    fraction = jnp.minimum(fraction, 1.0 / (1.0 + jnp.asarray(relative_damping, jnp.float32)))
+  return fraction
+
+
+def remove_rank_one(grad: jax.Array, units, fraction: jax.Array) -> jax.Array:
+  """G − r ⟨G, u⟩ u with u = u₁∘…∘u_k the outer product of the unit vectors ``units`` (one per
+  axis of G): the Sherman–Morrison direction γ_eff (μ u uᵀ + γ_eff I)⁻¹ vec(G) for
+  r = :func:`removed_fraction`. With unit vectors every term is bounded by ‖G‖ (no overflow),
+  and with r ≤ 1/(1 + λ) the kept part (1 − r)⟨G, u⟩u dominates the float32 rounding of the
+  subtraction even when G lies along u."""
+  letters = "abcdefghijklmnopqrstuvwxyz"[:grad.ndim]
+  projection = jnp.einsum(",".join((letters, *letters)) + "->", grad, *units,
+                          precision=_HIGHEST)
+  outer = jnp.einsum(",".join(letters) + "->" + letters, *units, precision=_HIGHEST)
+  return grad - (fraction * projection) * outer
+
+
 def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, damping,
               damping_mode: str = "relative", relative_damping=0.5) -> EvaLayerTerms:
   """Sherman–Morrison direction of one layer (DESIGN §4).
@@ -61,23 +87,30 @@ def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, dampin
       bounds the fraction of Ĝ's ā ḡᵀ component the correction removes by 1/(1+λ).
     relative_damping: λ ≥ 0 of the relative mode.
   """
-  a, g = stats.a, stats.g
-  signal = jnp.dot(a, a, precision=_HIGHEST) * jnp.dot(g, g, precision=_HIGHEST)
-  gamma = effective_damping(signal, damping, damping_mode, relative_damping)
-  projection = jnp.einsum("i,ij,j->", a, grad_matrix, g, precision=_HIGHEST)
-  direction = grad_matrix - (projection / (signal + gamma)) * jnp.outer(a, g)
-  return EvaLayerTerms(direction, gamma, signal)
+  (unit_a, log_a), (unit_g, log_g) = linalg.unit_vector(stats.a), linalg.unit_vector(stats.g)
+  # ‖ā‖²‖ḡ‖² overflows float32 for entries ≳ 1e10: the direction uses its logarithm only.
+  log_signal = 2 * (log_a + log_g)
+  fraction = removed_fraction(log_signal, damping, damping_mode, relative_damping)
+  direction = remove_rank_one(grad_matrix, (unit_a, unit_g), fraction)
+  signal = jnp.exp(log_signal)  # reported (diagnostics, kl_clip's γ_eff); inf if it overflows
+  return EvaLayerTerms(direction, effective_damping(signal, damping, damping_mode,
+                                                    relative_damping), signal)
+
+
+def check_damping_mode(damping_mode, relative_damping) -> None:
+  """Raises ``ValueError`` for an unknown ``damping_mode`` or a negative ``relative_damping``."""
+  if damping_mode not in DAMPING_MODES:
+    raise ValueError(f"eva_optax: damping_mode must be one of {DAMPING_MODES}, "
+                     f"got {damping_mode!r}.")
+  if damping_mode == "relative":
+    transform.check_positive("relative_damping", relative_damping, allow_zero=True)
 
 
 def check_damping(damping, damping_mode, relative_damping, scaling, stat_decay) -> None:
   transform.check_positive("damping", damping)
   # Outside [0, 1] the running average extrapolates: −0.5 grows the statistics 1.5× a step.
   transform.check_unit_interval("stat_decay", stat_decay)
-  if damping_mode not in DAMPING_MODES:
-    raise ValueError(f"eva_optax: damping_mode must be one of {DAMPING_MODES}, "
-                     f"got {damping_mode!r}.")
-  if damping_mode == "relative":
-    transform.check_positive("relative_damping", relative_damping, allow_zero=True)
+  check_damping_mode(damping_mode, relative_damping)
   if scaling not in transform.SCALINGS:
     raise ValueError(f"eva_optax: scaling must be one of {transform.SCALINGS}, "
                      f"got {scaling!r}.")

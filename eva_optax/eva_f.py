@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, transform
-from eva_optax.eva import EvaLayerTerms, check_damping, effective_damping
+from eva_optax import collectors, linalg, transform
+from eva_optax.eva import EvaLayerTerms, check_damping, effective_damping, removed_fraction
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -39,13 +39,16 @@ def eva_f_layer(stats: collectors.ActivationVector, grad_matrix: jax.Array, damp
   Returns:
     :class:`~eva_optax.EvaLayerTerms` (direction, γ_eff, ‖ā‖²).
   """
-  a = stats.a
-  signal = jnp.dot(a, a, precision=_HIGHEST)
-  gamma = effective_damping(signal, damping, damping_mode, relative_damping)
-  projection = jnp.matmul(a, grad_matrix, precision=_HIGHEST)
-  # Scale the d_out-vector, not the [d_in, d_out] outer product: one division per column.
-  return EvaLayerTerms(grad_matrix - jnp.outer(a, projection / (signal + gamma)), gamma,
-                           signal)
+  # With the unit vector â and r = ‖ā‖²/(‖ā‖² + γ_eff) from log‖ā‖²: no overflow of ‖ā‖² for
+  # huge activations (as eva_layer).
+  unit, log_norm = linalg.unit_vector(stats.a)
+  fraction = removed_fraction(2 * log_norm, damping, damping_mode, relative_damping)
+  projection = jnp.matmul(unit, grad_matrix, precision=_HIGHEST)
+  # Scale the d_out-vector, not the [d_in, d_out] outer product: one product per column.
+  direction = grad_matrix - jnp.outer(unit, fraction * projection)
+  signal = jnp.exp(2 * log_norm)
+  return EvaLayerTerms(direction, effective_damping(signal, damping, damping_mode,
+                                                    relative_damping), signal)
 
 
 def scale_by_eva_f(

@@ -12,7 +12,9 @@ closed-form (Sherman–Morrison): with v = v₁ ∘ … ∘ v_k (outer product) 
     P = γ (F̃ + γI)⁻¹ vec(G) = G − (⟨G, v⟩ / (γ + μ)) · v,
 
 then P is rescaled to ‖G‖ (SGD grafting). Cost O(size of G), state Σ_i d_i per tensor.
-Tensors of rank ≤ 1 pass through unchanged.
+Tensors of rank ≤ 1 pass through unchanged. By default γ is relative, γ_eff = max(γ, λμ) as in
+Eva's relative damping: with the reference's running sums (β₂ = 1) μ grows without bound, and
+an absolute γ would remove G's component along v completely, so that direction stops training.
 
 The vectors belong to the modes of the tensor *as it is* (a conv kernel ``[kh, kw, c_in,
 c_out]`` has four), as DESIGN §4 specifies: unlike Shampoo there is no block or merge step —
@@ -22,16 +24,15 @@ cheap as it can be.
 
 from __future__ import annotations
 
-import string
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import guards, transform
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from eva_optax import collectors, guards, linalg, transform
+from eva_optax.eva import check_damping_mode, remove_rank_one, removed_fraction
 
 
 class EvaSState(NamedTuple):
@@ -53,31 +54,43 @@ def mode_means(grad: jax.Array) -> tuple:
   return tuple(jnp.mean(grad, axis=tuple(a for a in axes if a != i)) for i in axes)
 
 
-def eva_s_direction(grad: jax.Array, vectors, damping) -> jax.Array:
+def eva_s_direction(grad: jax.Array, vectors, damping, damping_mode: str = "relative",
+                    relative_damping=0.5) -> jax.Array:
   """Sherman–Morrison direction of one tensor, rescaled to ‖G‖ (DESIGN §4).
 
   Args:
     grad: G, any shape of rank k ≥ 2, float32.
     vectors: k vectors v_i of shape ``(grad.shape[i],)``, float32.
     damping: γ > 0.
+    damping_mode: ``"relative"`` (γ_eff = max(γ, λμ)) or ``"absolute"`` (γ_eff = γ), as
+      :func:`~eva_optax.eva_layer`.
+    relative_damping: λ ≥ 0 of the relative mode.
 
   Returns:
-    ‖G‖ · P/‖P‖ with P = G − (⟨G, v⟩/(γ + Π‖v_i‖²)) v, v = v₁∘…∘v_k; shape and dtype of G
-    (0 where P = 0, i.e. G = 0).
+    ‖G‖ · P/‖P‖ with P = G − (⟨G, v⟩/(γ_eff + μ)) v, v = v₁∘…∘v_k, μ = Π‖v_i‖²; shape and
+    dtype of G (0 where P = 0, i.e. G = 0). Computed from the unit vectors v_i/‖v_i‖ and log μ
+    (:func:`~eva_optax.eva.remove_rank_one`), so statistics or gradients of any finite scale
+    give a finite direction.
   """
-  letters = string.ascii_letters[:grad.ndim]
-  outer = jnp.einsum(",".join(letters) + "->" + letters, *vectors, precision=_HIGHEST)
-  signal = 1.0
-  for v in vectors:
-    signal = signal * jnp.dot(v, v, precision=_HIGHEST)
-  projection = jnp.vdot(grad, outer)
-  direction = grad - (projection / (jnp.asarray(damping, grad.dtype) + signal)) * outer
-  norm = jnp.linalg.norm(direction)
-  scale = jnp.where(norm > 0, jnp.linalg.norm(grad) / jnp.where(norm > 0, norm, 1), 0.0)
-  return direction * scale
+  units, logs = zip(*map(linalg.unit_vector, vectors))
+  fraction = removed_fraction(2 * sum(logs), damping, damping_mode, relative_damping)
+  return linalg.rescale_to_norm(remove_rank_one(grad, units, fraction), grad)
 
 
-def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
+def _tensor_step(grad, vectors, beta2, direction):
+  """One tensor's (direction, vectors): v_i ← β₂v_i + w·mean_i(G), w = 1 if β₂ = 1 else 1 − β₂.
+  Vectors that would not be finite (a NaN/Inf gradient, or sums that overflow) are not taken:
+  the old ones are kept and precondition this step (a NaN gradient still gives a NaN update,
+  which ``optax.apply_if_finite`` skips)."""
+  weight = jnp.where(beta2 == 1, 1.0, 1.0 - beta2)
+  new = tuple((beta2 * v + weight * m).astype(jnp.float32)
+              for v, m in zip(vectors, mode_means(grad)))
+  vectors = collectors.keep_unless(~collectors.all_finite(new), new, vectors)
+  return direction(grad, vectors), vectors
+
+
+def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
+                   relative_damping: float = 0.5, beta2: float = 1.0
                    ) -> optax.GradientTransformationExtraArgs:
   """Eva-s' direction, to compose with momentum and a learning rate.
 
@@ -89,6 +102,13 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
     damping: γ > 0 (default 1e-3), in the units of Π‖v_i‖² (gradient-mean units to the power k).
       With β₂ = 1 the vectors are running sums, μ grows with the step count and γ matters only
       for the first steps and for tensors whose mode means vanish.
+    damping_mode: ``"relative"`` (default): γ_eff = max(γ, λμ), so at most 1/(1 + λ) of G's
+      component along v is removed. ``"absolute"``: γ_eff = γ (the reference); with β₂ = 1,
+      μ/γ grows without bound, the component along v is removed entirely and that direction
+      stops training (measured: a 2×2 quadratic stalls at |P − P*| = 3 after 30k steps), and
+      once γ/μ is below float32 resolution (~1e-7) a G along v (always so for a ``[1, n]``
+      kernel) leaves only rounding noise, which the rescale to ‖G‖ amplifies.
+    relative_damping: λ ≥ 0 of the relative mode (default 0.5: at most 2/3 removed, as Eva).
     beta2: β₂ ∈ [0, 1] of the vectors: 1 (default, the reference) keeps running sums, otherwise
       v_i ← β₂ v_i + (1 − β₂) · mean (starting from 0).
 
@@ -96,16 +116,24 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params=None,
     **extra_args)`` ignores ``params``, ``curvature=`` and any other extra argument. Updates
     have the gradients' dtypes; the vectors are float32. Under ``pmap``/``shard_map`` average
-    the gradients over devices first (as for any optimizer).
+    the gradients over devices first (as for any optimizer). Bad numbers: a tensor whose new
+    vectors would not be finite (a NaN/Inf gradient, or sums that overflow) keeps its old
+    vectors for that step; its update is NaN for a non-finite gradient (so
+    ``optax.apply_if_finite`` skips the step) and finite for every finite gradient, whatever
+    its scale.
 
   Raises:
-    ValueError: ``damping <= 0`` or ``beta2`` outside [0, 1]; at update time, a state that
+    ValueError: ``damping <= 0``, unknown ``damping_mode``, negative ``relative_damping`` or
+      ``beta2`` outside [0, 1]; at update time, a state that
       does not fit the gradients (stale: see :mod:`eva_optax.guards`).
     TypeError: integer parameters or gradients; a state restored from a checkpoint without a
       target.
   """
   transform.check_positive("damping", damping)
+  check_damping_mode(damping_mode, relative_damping)
   transform.check_unit_interval("beta2", beta2)
+  direction = functools.partial(eva_s_direction, damping=damping, damping_mode=damping_mode,
+                                relative_damping=relative_damping)
 
   def init_fn(params):
     def vectors(p):
@@ -116,7 +144,6 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # gradient-only: curvature= and other extra arguments are ignored
-    weight = jnp.where(beta2 == 1, 1.0, 1.0 - beta2)
     originals, treedef = jax.tree.flatten(updates)
     out, stats = [], []
     for update, vectors in zip(originals, map(transform.as_sequence,
@@ -125,10 +152,8 @@ def scale_by_eva_s(damping: float = 1e-3, *, beta2: float = 1.0
         out.append(update)
         stats.append(vectors)
         continue
-      grad = update.astype(jnp.float32)
-      vectors = tuple((beta2 * v + weight * m).astype(jnp.float32)
-                      for v, m in zip(vectors, mode_means(grad)))
-      out.append(eva_s_direction(grad, vectors, damping).astype(update.dtype))
+      step, vectors = _tensor_step(update.astype(jnp.float32), vectors, beta2, direction)
+      out.append(step.astype(update.dtype))
       stats.append(vectors)
     return treedef.unflatten(out), EvaSState(state.count + 1, treedef.unflatten(stats))
 
@@ -139,6 +164,8 @@ def eva_s(
     learning_rate: optax.ScalarOrSchedule,
     *,
     damping: float = 1e-3,
+    damping_mode: str = "relative",
+    relative_damping: float = 0.5,
     beta2: float = 1.0,
     momentum: float = 0.9,
     nesterov: bool = True,
@@ -150,7 +177,7 @@ def eva_s(
 
   Args:
     learning_rate: η, float or optax schedule (SGD-like scale: the direction has ‖G‖).
-    damping, beta2: as in :func:`scale_by_eva_s`.
+    damping, damping_mode, relative_damping, beta2: as in :func:`scale_by_eva_s`.
     momentum: heavy-ball coefficient of ``optax.trace`` (default 0.9, the reference).
     nesterov: Nesterov momentum (default True, the reference).
     weight_decay: L2 coefficient added to the preconditioned direction.
@@ -165,5 +192,6 @@ def eva_s(
       non-finite ``learning_rate``.
   """
   return transform.with_momentum(
-      scale_by_eva_s(damping, beta2=beta2),
+      scale_by_eva_s(damping, damping_mode=damping_mode, relative_damping=relative_damping,
+                     beta2=beta2),
       learning_rate, momentum, nesterov, weight_decay)

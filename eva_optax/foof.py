@@ -37,7 +37,9 @@ def scale_by_foof(
   Args:
     damping: γ > 0, added to A (units of squared activations).
     stat_decay, inverse_update_period, inverse, scaling, kl_clip, learning_rate, layouts: as in
-      :func:`~eva_optax.scale_by_kfac`.
+      :func:`~eva_optax.scale_by_kfac`; in particular a record with a non-finite entry, or
+      (after the first step) one whose A jumps in scale by more than 1e6×
+      (``collectors.MAX_SCALE_JUMP``), leaves the running A unchanged for that step.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``

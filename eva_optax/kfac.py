@@ -75,8 +75,7 @@ def refresh_every(period, count: jax.Array, compute, state):
   non-finite entry keeps ``state`` (the last good inverses)."""
   def refresh(state):
     new = compute()
-    finite = collectors.all_finite(new)
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    return collectors.keep_unless(~collectors.all_finite(new), new, state)
   return jax.lax.cond(count % period == 0, refresh, lambda state: state, state)
 
 
@@ -113,7 +112,12 @@ def scale_by_kfac(
       G is ours / B): its 1e-3 at B = 1000 is γ = 1 here.
     stat_decay: weight of the *new* factors in the running averages (the package-wide
       convention, see :func:`~eva_optax.running_average`): default 0.05, i.e. the old factors
-      weigh 0.95 (kfac-jax's ``curvature_ema=0.95``).
+      weigh 0.95 (kfac-jax's ``curvature_ema=0.95``). Bad records are rejected, i.e. leave the
+      running factors as they were for that step (the step's gradient is still preconditioned
+      with them): a record with a non-finite entry, and, after the first step, one whose A or
+      G has a largest |entry| above ``collectors.MAX_SCALE_JUMP`` (1e6) times the running
+      factor's — at this stat_decay a single 1e30 record would otherwise dominate the factors
+      for ~200 steps. A genuine change of scale passes when spread over several steps.
     inverse_update_period: T ≥ 1; the inverses are recomputed on steps 0, T, 2T, … with
       ``lax.cond`` and reused in between (reference: 10 on CIFAR, 50 on ImageNet).
     inverse: ``"cholesky"`` (default) or ``"eigh"``. A refresh that is not finite keeps the

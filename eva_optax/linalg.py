@@ -7,10 +7,14 @@ Inverse p-th roots of symmetric positive (semi-)definite matrices, used by Shamp
   Learning"), matmuls only, so it runs well on accelerators;
 * :func:`inverse_pth_root_eigh` — the same root through a symmetric eigendecomposition.
 
-Both symmetrize their input, add the ridge ε·λ_max(A)·I, compute in float64 when
+Both symmetrize their input, divide it by its largest |entry| (undone on the root, so a finite
+matrix of any scale works), add the ridge ε·λ_max(A)·I, compute in float64 when
 ``jax_enable_x64`` is on (float32 with ``precision=HIGHEST`` matmuls otherwise) and return
 ``(root, residual)``. They take one matrix; batch them with ``jax.vmap``.
 :func:`select_root` implements the "keep the last good root" rule of DESIGN §5.
+
+Overflow-safe building blocks shared by the optimizers: :func:`unit_vector` (direction and
+log-norm of a vector), :func:`rescale_to_norm` (grafting) and :func:`max_abs`.
 """
 
 from __future__ import annotations
@@ -65,6 +69,46 @@ def _matrix_power(matrix: jax.Array, p: int) -> jax.Array:
     if not p:
       return result
     square = _mm(square, square)
+
+
+def max_abs(tree) -> jax.Array:
+  """The largest |entry| over every array leaf of ``tree``, float32 scalar (0 for no entries;
+  NaN when an entry is NaN)."""
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0.0).astype(jnp.float32)
+                            for x in jax.tree.leaves(tree)] or [jnp.zeros((), jnp.float32)]))
+
+
+def _scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(m, x/m)`` with m the largest |entry| of ``x`` (1 when x = 0): entries of x/m lie in
+  [-1, 1], so their squares neither overflow nor (for the largest) underflow."""
+  largest = jnp.max(jnp.abs(x))
+  safe = jnp.where(largest > 0, largest, 1.0)
+  return safe, x / safe
+
+
+def unit_vector(vector: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(v/‖v‖, log‖v‖)`` without forming ‖v‖² from the raw entries.
+
+  v is first divided by its largest |entry|, so the squares summed lie in [0, 1]: entries of
+  1e20 (whose squares overflow float32) or 1e-25 (whose squares underflow to 0) give the exact
+  direction and log-norm. ``v = 0`` gives ``(0, -inf)``; a NaN entry gives NaNs.
+  """
+  largest, scaled = _scaled(vector)
+  norm = jnp.sqrt(jnp.dot(scaled, scaled, precision=_HIGHEST))  # in [1, √d] unless v = 0
+  nonzero = norm > 0
+  return (scaled / jnp.where(nonzero, norm, 1.0),
+          jnp.where(nonzero, jnp.log(largest) + jnp.log(jnp.where(nonzero, norm, 1.0)),
+                    -jnp.inf))
+
+
+def rescale_to_norm(direction: jax.Array, target: jax.Array) -> jax.Array:
+  """``direction`` rescaled to ``target``'s Frobenius norm (grafting); 0 when ``direction`` is
+  0. Both norms are formed from max-abs-scaled entries, so huge (≳ 1e19) or tiny finite inputs
+  give the finite, correctly scaled result instead of 0, inf or NaN."""
+  _, unit_d = _scaled(direction)
+  top_t, unit_t = _scaled(target)
+  norm_d = jnp.linalg.norm(unit_d)  # in [1, √size] unless direction = 0
+  return unit_d * (top_t * jnp.linalg.norm(unit_t) / jnp.where(norm_d > 0, norm_d, 1.0))
 
 
 def symmetrize(matrix: jax.Array) -> jax.Array:
@@ -136,7 +180,10 @@ def inverse_pth_root(
     ValueError: ``p`` not a positive integer, or ``matrix`` not square.
   """
   _check_root_args(matrix, p)
-  a = symmetrize(matrix)
+  # A^{-1/p} = (A/s)^{-1/p} s^{-1/p}: with s = max|A| the iteration (norms, power iteration,
+  # matmuls) works on entries ≤ 1, so a finite A of any scale (e.g. 1e37 after a huge
+  # gradient) gets its root instead of overflowing into a discarded NaN forever.
+  scale, a = _scaled(symmetrize(matrix))
   n = a.shape[0]
   dtype = a.dtype
   identity = jnp.eye(n, dtype=dtype)
@@ -165,7 +212,7 @@ def inverse_pth_root(
 
   _, _, x, error, _ = jax.lax.while_loop(
       cond, body, (jnp.zeros((), jnp.int32), m, x, error, jnp.ones((), bool)))
-  return RootResult((x + x.T) / 2, error)
+  return RootResult((x + x.T) / 2 * jnp.power(scale, -1.0 / p), error)
 
 
 def inverse_pth_root_eigh(matrix: jax.Array, p: int, *,
@@ -177,7 +224,7 @@ def inverse_pth_root_eigh(matrix: jax.Array, p: int, *,
   return as :func:`inverse_pth_root`; the residual max |X^p A_ε − I| is computed explicitly.
   """
   _check_root_args(matrix, p)
-  a = symmetrize(matrix)
+  scale, a = _scaled(symmetrize(matrix))  # as in inverse_pth_root: any finite scale
   identity = jnp.eye(a.shape[0], dtype=a.dtype)
   values, vectors = jnp.linalg.eigh(a)
   max_eigenvalue = jnp.maximum(values[-1], 0)
@@ -186,7 +233,7 @@ def inverse_pth_root_eigh(matrix: jax.Array, p: int, *,
   root = _mm(vectors * jnp.power(damped, -1.0 / p), vectors.T)
   root = (root + root.T) / 2
   residual = jnp.max(jnp.abs(_mm(_matrix_power(root, p), a + ridge * identity) - identity))
-  return RootResult(root, residual)
+  return RootResult(root * jnp.power(scale, -1.0 / p), residual)
 
 
 def select_root(new: RootResult, previous_root: jax.Array,

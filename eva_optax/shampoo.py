@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import guards, linalg, transform
+from eva_optax import collectors, guards, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 GRAFT_TYPES = ("sgd", "adagrad", "rmsprop", "adam")
@@ -207,13 +207,6 @@ def _graft_update(graft_type, grad, state, count, beta1, beta2, epsilon):
   return mu_hat / (jnp.sqrt(nu_hat) + epsilon), (mu, nu)
 
 
-def _rescale(direction, target):
-  """``direction`` rescaled to ``target``'s Frobenius norm (0 when ``direction`` is 0)."""
-  norm = jnp.linalg.norm(direction)
-  return direction * jnp.where(norm > 0, jnp.linalg.norm(target) / jnp.where(norm > 0, norm, 1),
-                               0.0)
-
-
 def scale_by_shampoo(
     block_size: int = 128,
     *,
@@ -265,7 +258,12 @@ def scale_by_shampoo(
     drops into the same training step as :func:`~eva_optax.eva`. Updates have the gradients'
     dtypes; statistics and roots are float32. Under ``pmap``/``shard_map`` average the
     gradients over devices first (as for any optimizer): every replica then computes
-    identical roots.
+    identical roots. Bad numbers: a tensor whose gradient is not finite, or whose statistics
+    or graft accumulator would overflow float32 (entries ≳ 1e18), is skipped for that step —
+    its statistics and graft state stay as they were and its update is 0 (NaN for a
+    non-finite gradient, so that ``optax.apply_if_finite`` skips the step). Roots are computed
+    from statistics divided by their largest entry, so finite statistics of any scale keep
+    refreshing.
 
   Raises:
     ValueError: a non-positive ``block_size``/``preconditioning_compute_steps``/``matrix_epsilon``
@@ -315,24 +313,26 @@ def scale_by_shampoo(
     originals, treedef = jax.tree.flatten(updates)
     grads = [g.astype(jnp.float32) for g in originals]
     plans = [plan_of(g) for g in grads]
-    stats = [_accumulate(beta2, g, plan, transform.as_sequence(s))
-             for g, plan, s in zip(grads, plans, treedef.flatten_up_to(state.stats))]
+    graft_fn = lambda g, s: _graft_update(graft_type, g, s, count, graft_beta1, graft_beta2,
+                                          graft_epsilon)
+    stats, graft_steps, graft, taken = map(list, zip(*[
+        _statistics_step(beta2, graft_fn, g, plan, transform.as_sequence(s),
+                         transform.as_sequence(a))
+        for g, plan, s, a in zip(grads, plans, treedef.flatten_up_to(state.stats),
+                                 treedef.flatten_up_to(state.graft))]))
     old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
     refresh = (count >= start) & ((count - start) % period == 0)
     roots = _refreshed(root, refresh, stats, old_roots, [plan.p for plan in plans])
-    out, graft = [], []
-    grafts = map(transform.as_sequence, treedef.flatten_up_to(state.graft))
-    for grad, plan, leaf_roots, graft_state, original in zip(grads, plans, roots, grafts,
-                                                             originals):
-      graft_step, graft_state = _graft_update(graft_type, grad, graft_state, count, graft_beta1,
-                                              graft_beta2, graft_epsilon)
-      graft.append(graft_state)
+    out = []
+    for grad, plan, leaf_roots, graft_step, ok, original in zip(grads, plans, roots, graft_steps,
+                                                                taken, originals):
       if plan.merged is None:
         direction = graft_step
       else:
-        shampoo_step = _rescale(_precondition(grad, plan, leaf_roots), graft_step)
+        shampoo_step = linalg.rescale_to_norm(_precondition(grad, plan, leaf_roots), graft_step)
         direction = jnp.where(count >= start, shampoo_step, graft_step)
-      out.append(direction.astype(original.dtype))
+      # A skipped tensor does not move: 0·G is 0, or NaN for a non-finite G (apply_if_finite).
+      out.append(jnp.where(ok, direction, 0 * grad).astype(original.dtype))
     return treedef.unflatten(out), ShampooState(
         count=count + 1, stats=treedef.unflatten(stats), preconditioner=treedef.unflatten(roots),
         graft=treedef.unflatten(graft))
@@ -359,6 +359,18 @@ def _accumulate(beta2, grad, plan: _Plan, stats: tuple) -> tuple:
       new.append((beta2 * stats[index] + weight * _mode_gram(blocks, mode)).astype(jnp.float32))
       index += 1
   return tuple(new)
+
+
+def _statistics_step(beta2, graft_fn, grad, plan: _Plan, stats: tuple, graft_state: tuple):
+  """One tensor's ``(stats, graft step, graft state, taken)``. The new statistics and graft
+  state are taken only when they and the gradient are finite: a NaN/Inf gradient, or a huge one
+  whose squares overflow float32, would otherwise make them NaN/Inf for good (and, with Inf
+  statistics, stop every later root refresh)."""
+  new_stats = _accumulate(beta2, grad, plan, stats)
+  graft_step, new_graft = graft_fn(grad, graft_state)
+  taken = collectors.all_finite((grad, new_stats, new_graft))
+  return (collectors.keep_unless(~taken, new_stats, stats), graft_step,
+          collectors.keep_unless(~taken, new_graft, graft_state), taken)
 
 
 def _refreshed(root, refresh, stats: list, roots: list, orders: list) -> list:

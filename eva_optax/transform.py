@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, guards, layers
+from eva_optax import collectors, guards, layers, linalg
 
 # (directions, gradient matrices, count) -> scalar factor applied to every direction.
 Scaling = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array], jax.Array], jax.Array]
@@ -105,21 +105,39 @@ def check_learning_rate(learning_rate) -> None:
                      f"schedule), got {learning_rate!r}.")
 
 
-def _sum_inner(xs: Mapping[str, jax.Array], ys: Mapping[str, jax.Array]) -> jax.Array:
-  return sum(jnp.vdot(xs[k], ys[k]) for k in xs)
+def _inverse_root_of_sum_inner(xs: Mapping[str, jax.Array],
+                               ys: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """``(positive, 1/√Σ⟨x, y⟩)`` without forming the sum from the raw entries.
+
+  The arrays are divided by their largest |entry| (over all layers) first and the scales are
+  put back after the square root, so gradients or curvature of 1e20 (whose products overflow
+  float32: inf − inf = NaN) or 1e-25 (whose products underflow to 0) get the exact factor.
+  ``positive`` is false when the sum is not > 0 (a zero gradient) or not a number; the factor is
+  then 1.
+  """
+  top_x = linalg.max_abs(xs)
+  top_y = linalg.max_abs(ys)
+  safe_x = jnp.where(top_x > 0, top_x, 1.0)
+  safe_y = jnp.where(top_y > 0, top_y, 1.0)
+  total = sum(jnp.vdot(xs[k] / safe_x, ys[k] / safe_y) for k in xs)
+  positive = total > 0
+  factor = (jax.lax.rsqrt(jnp.where(positive, total, 1.0)) * jax.lax.rsqrt(safe_x)
+            * jax.lax.rsqrt(safe_y))
+  return positive, jnp.where(positive, factor, 1.0)
 
 
 def kl_normalize() -> Scaling:
-  """Journal Eva: scale by 1/√Σ⟨V, Ĝ⟩ (1 when the sum is not positive, i.e. a zero gradient)."""
+  """Journal Eva: scale by 1/√Σ⟨V, Ĝ⟩ (1 when the sum is not positive, i.e. a zero gradient).
+  Overflow-safe: finite directions and gradients of any scale give a finite factor."""
   def scale(directions, grads, count):
     del count
-    total = _sum_inner(directions, grads)
-    return jnp.where(total > 0, jax.lax.rsqrt(jnp.where(total > 0, total, 1.0)), 1.0)
+    return _inverse_root_of_sum_inner(directions, grads)[1]
   return scale
 
 
 def kl_clip(kl_clip_value, learning_rate) -> Scaling:
-  """ICLR Eva / K-FAC: ν = min(1, √(κ / (η² Σ⟨V, Ĝ⟩))), η the learning rate at this step."""
+  """ICLR Eva / K-FAC: ν = min(1, √(κ / (η² Σ⟨V, Ĝ⟩))), η the learning rate at this step (1
+  when the sum is not positive). Overflow-safe like :func:`kl_normalize`."""
   check_positive("kl_clip", kl_clip_value)
   if learning_rate is None:
     raise ValueError("eva_optax: scaling='kl_clip' needs the learning_rate (float or schedule).")
@@ -127,9 +145,11 @@ def kl_clip(kl_clip_value, learning_rate) -> Scaling:
 
   def scale(directions, grads, count):
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    total = jnp.asarray(lr, jnp.float32) ** 2 * _sum_inner(directions, grads)
-    safe = jnp.where(total > 0, total, 1.0)
-    return jnp.where(total > 0, jnp.minimum(1.0, jnp.sqrt(kl_clip_value / safe)), 1.0)
+    positive, inverse_root = _inverse_root_of_sum_inner(directions, grads)
+    # √κ/|η| · 1/√Σ: never forms η²Σ, which overflows with the sum (η = 0 gives ν = 1).
+    nu = jnp.sqrt(jnp.asarray(kl_clip_value, jnp.float32)) / jnp.abs(
+        jnp.asarray(lr, jnp.float32)) * inverse_root
+    return jnp.where(positive, jnp.minimum(1.0, nu), 1.0)
   return scale
 
 

@@ -132,3 +132,19 @@ def test_power_iteration_finds_the_largest_eigenvalue():
 def test_bad_root_order_is_an_error(p):
   with pytest.raises(ValueError, match="root order p must be a positive Python int"):
     linalg.inverse_pth_root(jnp.eye(3), p)
+
+
+@pytest.mark.parametrize("method", ["newton", "eigh"])
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_a_finite_matrix_of_any_scale_gets_its_root(method, scale):
+  # (cA)^{-1/p} = c^{-1/p} A^{-1/p}. Before the max-abs scaling, c = 1e30 overflowed ‖A‖_F
+  # and the power iteration into a NaN root, which select_root discarded at every refresh
+  # (Shampoo statistics after one huge gradient: roots frozen for good).
+  a = _spd(8, 1e3, 3)
+  p = 4
+  got = linalg.batched_inverse_pth_root(jnp.asarray(scale * a[None], jnp.float32), p,
+                                        method=method)
+  assert float(got.residual[0]) < 1e-3
+  # float32 root of a κ = 1e3 matrix: ~κ·u ≈ 6e-5 of its largest entry, as unscaled.
+  np.testing.assert_allclose(np.asarray(got.root[0], np.float64) * scale ** (1 / p),
+                             _reference(a, p), rtol=0, atol=1e-4 * np.abs(_reference(a, p)).max())

@@ -150,6 +150,36 @@ def test_a_non_finite_gradient_keeps_the_previous_roots():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_a_bad_gradient_is_skipped_like_a_zero_one(bad):
+  # With β₂ = 1 and the AdaGrad graft a zero gradient adds nothing to the statistics or the
+  # graft, and its update is 0: exactly what skipping a step means. A NaN/Inf gradient (which
+  # made statistics and graft NaN/Inf for good) and a finite 1e30 one (whose squares overflow
+  # into Inf statistics, so that every later root was discarded) must leave the run
+  # bit-identical to one with a zero gradient at that step.
+  rng = np.random.default_rng(0)
+  grads = [jnp.asarray(rng.normal(size=(6, 5)), jnp.float32) for _ in range(6)]
+  tx = eva_optax.scale_by_shampoo(4)
+  update = jax.jit(tx.update)
+
+  def run(injected):
+    state, updates = tx.init({"w": grads[0]}), []
+    for i, g in enumerate(grads):
+      out, state = update({"w": injected if i == 2 else g}, state)
+      updates.append(out["w"])
+    return updates, state
+
+  got, got_state = run(jnp.full((6, 5), bad, jnp.float32).at[0, 0].set(1.0))
+  want, want_state = run(jnp.zeros((6, 5), jnp.float32))
+  # The skipped step's update: NaN for a non-finite gradient (optax.apply_if_finite skips it),
+  # 0 for a finite one.
+  assert bool(jnp.all(jnp.isfinite(got[2]))) == bool(np.isfinite(bad))
+  for i in (0, 1, 3, 4, 5):
+    np.testing.assert_array_equal(got[i], want[i])
+  for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_equal_blocks_share_one_vmapped_root_computation():
   """Compile-time scaling: one root loop per (block size, p), however many layers/blocks."""
   def loops(n_layers):
