@@ -380,7 +380,8 @@ TASKS: dict[str, Callable[[], Task]] = {
     "cifar10_resnet": lambda: _task(
         "cifar10_resnet", ResNet20(), cross_entropy, 128, 30, datasets.load_cifar10,
         _normalize_images, mutable=("batch_stats",), augment=datasets.augment_crop_flip,
-        eval_every=100, targets=(0.8,), head="head", eval_subset=2000),
+        eval_every=100, targets=(0.8,), head="head", eval_subset=2000,
+        baseline="sgd_nesterov"),
     "shakespeare_char": _shakespeare_char,
 }
 

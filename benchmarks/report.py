@@ -1,4 +1,9 @@
-"""Benchmark output: per-label summary over seeds, the results table, JSON and the loss plot."""
+"""Benchmark output: per-label summary over seeds, the results and time-to-target tables, JSON
+and the plots; and a CLI that merges result files of the same task (e.g. one process per seed)::
+
+    python -m benchmarks.report benchmarks/out/seed0/shakespeare_char.json \\
+        benchmarks/out/seed1/shakespeare_char.json --out benchmarks/out/merged
+"""
 
 from __future__ import annotations
 
@@ -90,8 +95,8 @@ def run_line(result: dict, settings: dict) -> str:
   if result["diverged"]:
     return f"diverged at step {result['diverged_step']}"
   evals, goal = result["evals"], settings["goal"]
-  parts = [f"{settings['metric_name']} {evals[-1]['metric']:.4f} (best "
-           f"{best_metric(evals, goal):.4f})"]
+  parts = [f"train loss {evals[-1]['train_loss']:.4f}, {settings['metric_name']} "
+           f"{evals[-1]['metric']:.4f} (best {best_metric(evals, goal):.4f})"]
   for target in settings["targets"]:
     hit = reach(evals, target, goal)
     parts.append(f"{target}: " + (f"step {hit['step']}, {hit['wall']:.0f} s" if hit else
@@ -206,3 +211,79 @@ def plot(runs: dict, path: pathlib.Path, title: str, log_loss: bool,
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def finish(results: dict, out: pathlib.Path, with_plot: bool = True,
+           log_loss: bool = False) -> None:
+  """Summarizes ``results`` (see :func:`summarize`), prints the tables and the diagnostics, and
+  writes ``<out>/<task>.json`` (and ``.png``)."""
+  runs, settings, task = results["runs"], results["settings"], results["task"]
+  summarize(runs, settings)
+  print(f"\n{task}: {settings['total_steps']} steps of batch {settings['batch_size']}, seeds "
+        f"{settings['seeds']}, {settings['schedule']} schedule, "
+        f"{results['environment']['platform']}")
+  print(table(runs, settings["metric_name"], settings["baseline"]))
+  if settings["targets"]:
+    print("\n" + targets_table(runs, settings))
+  text = diagnostics_text(runs)
+  if text:
+    print("\n" + text)
+  write_json(results, out / f"{task}.json")
+  if with_plot:
+    plot(runs, out / f"{task}.png", f"{task} ({settings['batch_size']} per batch)", log_loss,
+         settings["metric_name"])
+  print(f"\nwrote {out / (task + '.json')}" + (" and .png" if with_plot else ""))
+
+
+def merge(paths: list, timing: Optional[str] = None) -> dict:
+  """The results of several files of one task and settings as one: every label's seeds
+  concatenated; the interleaved step times are the ``timing`` file's (a short run of every
+  label in one process, e.g. ``--steps 20 --timing-rounds 30``), else the first file's that
+  has them for the label.
+
+  Raises:
+    ValueError: the files are of different tasks or step counts.
+  """
+  files = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+  if timing is not None:
+    timed = json.loads(pathlib.Path(timing).read_text())["runs"]
+    for f in files:
+      for label, run in f["runs"].items():
+        if "interleaved_step_times" in timed.get(label, {}):
+          run["interleaved_step_times"] = timed[label]["interleaved_step_times"]
+  merged = files[0]
+  for other in files[1:]:
+    for key in ("total_steps", "batch_size", "schedule"):
+      if other["settings"][key] != merged["settings"][key] or other["task"] != merged["task"]:
+        raise ValueError(f"cannot merge {merged['task']} results with different {key}.")
+    for label, run in other["runs"].items():
+      into = merged["runs"].setdefault(label, {**run, "seeds": []})
+      into["seeds"] += run["seeds"]
+      if "interleaved_step_times" not in into and "interleaved_step_times" in run:
+        into["interleaved_step_times"] = run["interleaved_step_times"]
+  merged["settings"]["seeds"] = sorted({s["seed"] for r in merged["runs"].values()
+                                        for s in r["seeds"]})
+  for run in merged["runs"].values():  # JSON nulls back to NaN for the summaries
+    for seed in run["seeds"]:
+      for e in seed["evals"]:
+        for key, value in e.items():
+          e[key] = math.nan if value is None else value
+  return merged
+
+
+def main(argv=None) -> None:
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                              description="Merge benchmark result files of one task.")
+  p.add_argument("files", nargs="+")
+  p.add_argument("--timing", help="a result file whose interleaved step times replace the "
+                                  "files' (every label timed in one process)")
+  p.add_argument("--out", default="benchmarks/out/merged")
+  p.add_argument("--no-plot", action="store_true")
+  args = p.parse_args(argv)
+  finish(merge(args.files, args.timing), pathlib.Path(args.out),
+         with_plot=not args.no_plot)
+
+
+if __name__ == "__main__":
+  main()

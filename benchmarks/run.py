@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="after training, rounds of interleaved step timing (one step of each "
                       "optimizer per round) that give the median step times; 0: use the "
                       "training steps' times")
+  p.add_argument("--stall-timeout", type=float, default=0,
+                 help="exit with status 3 when no training step finishes for this many "
+                      "seconds (0: wait forever); for protocol scripts that retry a run")
   p.add_argument("--no-plot", action="store_true")
   return p
 
@@ -148,7 +151,7 @@ def main(argv=None) -> dict:
       result, final_params, state, step = train.train(
           task, tx, spec.statistics, params, model_state, sampler, total_steps,
           settings["eval_every"], eval_set, test_set, first_eval,
-          desc=f"{config.label} seed {seed}")
+          desc=f"{config.label} seed {seed}", stall_timeout=args.stall_timeout)
       finals[config.label] = (step, final_params, state)
       if spec.diagnostics is not None and not result["diverged"]:
         opt_state = train.optimizer_state(state, model_state)
@@ -157,29 +160,19 @@ def main(argv=None) -> dict:
             *sampler.batch(0), spec.diagnostics, {**run["kwargs"], "layouts": layouts})
       run["seeds"].append({"seed": seed, **result})
       print(f"{config.label} seed {seed}: {report.run_line(result, settings)}", flush=True)
+      # What has finished survives an interrupted benchmark.
+      report.write_json({"task": task.name, "settings": settings, "runs": runs},
+                        pathlib.Path(args.out) / f"{task.name}.partial.json")
     if args.timing_rounds and seed == seeds[0]:
       timed = train.time_interleaved(finals, *sampler.batch(0), args.timing_rounds)
       for label, times in timed.items():
         runs[label]["interleaved_step_times"] = times
 
-  report.summarize(runs, settings)
   settings.update(seeds=seeds, train_size=len(data.x_train), eval_size=len(eval_set[0]))
   results = {"task": task.name, "settings": settings, "environment": _environment(),
              "runs": runs}
-  out = pathlib.Path(args.out)
-  print(f"\n{task.name}: {total_steps} steps of batch {batch_size}, seeds {seeds}, "
-        f"{settings['schedule']} schedule, {results['environment']['platform']}")
-  print(report.table(runs, task.metric_name, settings["baseline"]))
-  if settings["targets"]:
-    print("\n" + report.targets_table(runs, settings))
-  diagnostics = report.diagnostics_text(runs)
-  if diagnostics:
-    print("\n" + diagnostics)
-  report.write_json(results, out / f"{task.name}.json")
-  if not args.no_plot:
-    report.plot(runs, out / f"{task.name}.png", f"{task.name} ({batch_size} per batch)",
-                task.log_loss, task.metric_name)
-  print(f"\nwrote {out / (task.name + '.json')}" + ("" if args.no_plot else " and .png"))
+  report.finish(results, pathlib.Path(args.out), with_plot=not args.no_plot,
+                log_loss=task.log_loss)
   return results
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
 import time
 from statistics import median
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -103,6 +106,35 @@ def state_bytes(state) -> int:
   return int(sum(leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, "nbytes")))
 
 
+class Watchdog:
+  """Ends the process with exit status 3 when ``feed`` is not called for ``seconds``.
+
+  XLA's CPU runtime hung (every worker idle, the host waiting on the step's result forever) in a
+  few K-FAC refreshes on the busy 2-core box; a protocol script restarts such a run instead of
+  waiting on it. ``seconds = 0`` disables it.
+  """
+
+  def __init__(self, seconds: float, what: str):
+    self.seconds, self.what, self.timer = seconds, what, None
+    self.feed()
+
+  def feed(self) -> None:
+    self.close()
+    if self.seconds:
+      self.timer = threading.Timer(self.seconds, self._expire)
+      self.timer.daemon = True
+      self.timer.start()
+
+  def close(self) -> None:
+    if self.timer is not None:
+      self.timer.cancel()
+
+  def _expire(self) -> None:
+    print(f"\n{self.what}: no step finished in {self.seconds:.0f} s; exiting (status 3).",
+          file=sys.stderr, flush=True)
+    os._exit(3)
+
+
 class Sampler(NamedTuple):
   """The minibatches of one seed, identical for every optimizer: step ``k`` reads
   ``orders[k // per_epoch]`` (a permutation of the training set per epoch, the last incomplete
@@ -139,7 +171,7 @@ def evaluate(task: models.Task, params, model_state, eval_set, test_set) -> dict
 
 def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optional[str],
           params, model_state, sampler: Sampler, total_steps: int, eval_every: int,
-          eval_set, test_set, first_eval: dict, desc: str = ""):
+          eval_set, test_set, first_eval: dict, desc: str = "", stall_timeout: float = 0):
   """Trains ``params`` with ``tx`` for ``total_steps`` minibatches of ``sampler``.
 
   Args:
@@ -147,6 +179,8 @@ def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optio
     eval_every: steps between evaluations (and one at the end).
     eval_set: the fixed training subset whose loss is reported; ``test_set`` gives the metric.
     first_eval: :func:`evaluate` of the initial ``params``.
+    stall_timeout: seconds without a finished step (or evaluation) after which the process
+      exits (:class:`Watchdog`); 0 waits forever.
 
   Returns:
     ``(result, params, state, step)``: ``result`` has the minibatch curve (``step`` = updates
@@ -164,7 +198,9 @@ def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optio
   evals = [dict(first_eval, step=0, epoch=0.0, wall=0.0)]
   times, wall, diverged_step = [], 0.0, None
   bar = tqdm(total=total_steps, desc=desc, leave=False, mininterval=0.5)
+  watchdog = Watchdog(stall_timeout, desc)
   for k in range(total_steps):
+    watchdog.feed()
     x, y = sampler.batch(k)
     start = time.perf_counter()
     params, state, loss = step(params, state, x, y)
@@ -187,6 +223,7 @@ def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optio
       evals.append({"step": k + 1, "epoch": (k + 1) / sampler.per_epoch, "wall": wall,
                     **evaluate(task, params, current, eval_set, test_set)})
   bar.close()
+  watchdog.close()
   if diverged_step is None and not math.isfinite(evals[-1]["train_loss"]):
     diverged_step = total_steps
   result = {"curve": curve, "evals": evals, "step_times": times,

@@ -130,7 +130,8 @@ def test_cifar10_resnet_runs_end_to_end(cifar10_dir, tmp_path):
     assert all(math.isfinite(e["test_loss"]) for e in evals), label
     assert entry["summary"]["targets"]["0.05"]["reached"] == 1, label
     assert entry["summary"]["targets"]["0.99"]["reached"] == 0, label
-  assert results["settings"]["baseline"] == "sgd"
+  assert results["settings"]["baseline"] == "sgd_nesterov"
+  assert results["runs"]["sgd_nesterov"]["summary"]["step_ratio"] == 1.0
   # Eva sees every convolution and the head (BatchNorm parameters are not kernels).
   assert len(results["runs"]["eva"]["seeds"][0]["diagnostics"]) == 22
   written = json.loads((tmp_path / "cifar10_resnet.json").read_text())
@@ -156,7 +157,7 @@ def test_shakespeare_char_runs_end_to_end(shakespeare_dir, tmp_path):
   results = run.main([
       "--task", "shakespeare_char", "--data-dir", shakespeare_dir, "--steps", "4",
       "--test-subset", "16", "--eval-subset", "16", "--eval-every", "2",
-      "--optimizers", "adamw,muon,eva,kfac:damping=1.0", "--timing-rounds", "2",
+      "--optimizers", "adamw,muon,eva,kfac", "--timing-rounds", "2",
       "--targets", "10.0,1.0", "--out", str(tmp_path), "--no-plot"])
   assert results["settings"]["schedule"] == "warmup_cosine"
   assert results["settings"]["baseline"] == "adamw"
