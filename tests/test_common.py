@@ -36,9 +36,9 @@ OPTIMIZERS = [
     ("eva_f", eva_optax.eva_f, "activation_vector", {"damping": 1.0}),
     # Gradient-only. Shampoo's structural ints stay Python ints (inject_hyperparams would trace
     # them); block 4 and roots every 2 steps from update 1 exercise blocks and the root path.
-    ("shampoo", lambda learning_rate, matrix_epsilon, **kw: eva_optax.shampoo(
+    ("shampoo", lambda learning_rate, matrix_epsilon, momentum=0.9: eva_optax.shampoo(
         learning_rate, block_size=4, start_preconditioning_step=1,
-        preconditioning_compute_steps=2, matrix_epsilon=matrix_epsilon, **kw), None,
+        preconditioning_compute_steps=2, matrix_epsilon=matrix_epsilon, momentum=momentum), None,
      {"matrix_epsilon": 1e-2}),
     ("eva_s", eva_optax.eva_s, None, {"damping": 1e-3}),
     ("kbfgs", eva_optax.kbfgs, eva_optax.KBFGS_STATISTICS, {"damping": 0.3}),
