@@ -13,6 +13,25 @@ on silently wrong numbers (issue 15). :func:`guarded` wraps a transformation so 
 
 All checks look at shapes, dtypes and pytree structure only, so under ``jit`` they cost nothing
 after tracing.
+
+Checkpoints
+-----------
+Save the state with orbax like any pytree and restore it with its structure as the target::
+
+    checkpointer = orbax.checkpoint.StandardCheckpointer()
+    checkpointer.save(path, {"params": params, "opt_state": opt_state})
+    restored = checkpointer.restore(path, {"params": jax.eval_shape(lambda: params),
+                                           "opt_state": jax.eval_shape(tx.init, params)})
+
+Training resumed this way equals the uninterrupted run bit for bit, also when the checkpoint
+falls between two inverse/root refreshes (tests/test_reliability.py, in a fresh process).
+Without a target orbax returns plain dicts and lists: ``update`` then raises the ``TypeError``
+above. Rebuilding a state from such a restore's leaves
+(``jax.tree.unflatten(jax.tree.structure(tx.init(params)), jax.tree.leaves(raw))``) is not
+supported: it is correct for this package's own state records, whose fields are listed
+alphabetically (the order of a dict's leaves), but optax's records (e.g.
+``optax.apply_if_finite``'s or ``optax.MultiSteps``') are not ordered so, and their fields would
+be silently swapped.
 """
 
 from __future__ import annotations
