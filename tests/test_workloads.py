@@ -168,3 +168,33 @@ def test_shakespeare_char_runs_end_to_end(shakespeare_dir, tmp_path):
     assert entry["summary"]["targets"]["1.0"]["reached"] == 0, label
   assert results["runs"]["adamw"]["summary"]["step_ratio"] == 1.0
   assert any("key" in layer for layer in results["runs"]["eva"]["seeds"][0]["diagnostics"])
+
+
+def _result_file(path, label, seed, steps=100, times=None):
+  evals = [{"step": 0, "wall": 0.0, "metric": 4.0, "train_loss": 4.0},
+           {"step": steps, "wall": 9.0, "metric": 1.9 + seed / 100, "train_loss": 1.9}]
+  run = {"optimizer": label.split(":")[0], "lr": 1e-3, "kwargs": {},
+         "seeds": [{"seed": seed, "evals": evals, "diverged": False, "step_times": [0.1],
+                    "state_bytes": 8, "curve": {"step": [], "loss": [], "wall": []}}]}
+  if times:
+    run["interleaved_step_times"] = times
+  settings = {"total_steps": steps, "batch_size": 12, "schedule": "cosine", "seeds": [seed],
+              "goal": "min", "targets": [2.0], "baseline": "adamw", "metric_name": "loss"}
+  report.write_json({"task": "t", "settings": settings, "environment": {"platform": "cpu"},
+                     "runs": {label: run}}, path)
+  return str(path)
+
+
+def test_merge_concatenates_seeds_and_takes_the_timing_file(tmp_path):
+  files = [_result_file(tmp_path / f"{label}{seed}.json", label, seed)
+           for label in ("adamw", "eva") for seed in (0, 1)]
+  timing = _result_file(tmp_path / "timing.json", "eva", 0, steps=20, times=[0.2, 0.4])
+  merged = report.merge(files, timing)
+  assert [s["seed"] for s in merged["runs"]["eva"]["seeds"]] == [0, 1]
+  assert merged["runs"]["eva"]["interleaved_step_times"] == [0.2, 0.4]
+  assert merged["settings"]["seeds"] == [0, 1]
+  report.summarize(merged["runs"], merged["settings"])
+  assert merged["runs"]["eva"]["summary"]["median_step_s"] == pytest.approx(0.3)
+  assert merged["runs"]["adamw"]["summary"]["targets"]["2.0"]["steps"] == 100.0
+  with pytest.raises(ValueError, match="total_steps"):
+    report.merge([files[0], timing])
