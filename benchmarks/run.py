@@ -101,7 +101,9 @@ def _layouts(task, configs, params, model_state, sampler, announce: bool):
   if not any(optimizers.OPTIMIZERS[c.name].statistics is not None or
              optimizers.OPTIMIZERS[c.name].needs_model for c in configs):
     return None
-  info, coverage = train.capture_info(task, params, model_state, *sampler.batch(0))
+  batch = train.task_batch(task, model_state, *sampler.batch(0))
+  info, coverage = train.capture_info(train.loss_fn(task), params, *batch,
+                                      has_aux=bool(task.mutable))
   if announce:
     print(f"{task.name}: what the capture-based optimizers precondition\n{coverage}\n")
   return info.layouts

@@ -77,15 +77,18 @@ def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
   return step
 
 
-def capture_info(task: models.Task, params, model_state, x: np.ndarray, y: np.ndarray):
-  """``(CaptureInfo, coverage report text)`` of the task's loss on one batch: the layouts the
-  capture-based optimizers need and which parameters they precondition."""
-  loss, has_aux = loss_fn(task), bool(task.mutable)
-  batch = (model_state, x, y) if has_aux else (x, y)
+def capture_info(loss, params, *batch, has_aux: bool = False):
+  """``(CaptureInfo, coverage report text)`` of ``loss(params, *batch)`` on one batch: the
+  layouts the capture-based optimizers need and which parameters they precondition."""
   capture = eva_optax.flax.value_and_grad(loss, statistics="kronecker_vectors", has_aux=has_aux)
   info = capture.describe(params, *batch)
   _, curvature = jax.jit(capture)(params, *batch)
   return info, eva_optax.coverage_report(params, curvature, info)
+
+
+def task_batch(task: models.Task, model_state, x: np.ndarray, y: np.ndarray) -> tuple:
+  """The arguments after ``params`` of the task's :func:`loss_fn` for the batch ``(x, y)``."""
+  return (model_state, x, y) if task.mutable else (x, y)
 
 
 def init_state(tx, params, x: np.ndarray, y: np.ndarray, model_state=None):
@@ -262,7 +265,7 @@ def diagnostics(task: models.Task, params, opt_state, model_state, x: np.ndarray
   state, with the gradient of the batch ``(x, y)``, as Python floats (the mean over a layer
   stack's slices, except ``g_norm``: the smallest slice's)."""
   has_aux = bool(task.mutable)
-  batch = (model_state, x, y) if has_aux else (x, y)
+  batch = task_batch(task, model_state, x, y)
   grads = jax.jit(jax.grad(loss_fn(task), has_aux=has_aux))(params, *batch)
   grads = grads[0] if has_aux else grads
   reduce = lambda key: np.min if key == "g_norm" else np.mean

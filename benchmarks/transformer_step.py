@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import time
 from statistics import median
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 
 import eva_optax
-from benchmarks import models, train
+from benchmarks import datasets, models, train
 
 CAPTURED = {  # name: (factory(lr, layouts), statistics, lr)
     "eva": (lambda lr, lay: eva_optax.eva(lr, layouts=lay), "kronecker_vectors", 0.1),
@@ -46,23 +45,6 @@ FIRST_ORDER = {
     "shampoo": lambda: eva_optax.shampoo(1e-3, preconditioning_compute_steps=10),
     "eva_s": lambda: eva_optax.eva_s(0.1),
 }
-
-
-def load_text(data_dir: str | None) -> tuple[np.ndarray, int]:
-  """The first 90 % of Tiny Shakespeare as int32 character ids, and the vocabulary size."""
-  root = pathlib.Path(data_dir or os.environ.get("EVA_OPTAX_DATA", "../shared/data"))
-  text = (root / "tinyshakespeare" / "input.txt").read_text()
-  vocab = sorted(set(text))
-  ids = np.searchsorted(np.array(vocab), np.array(list(text))).astype(np.int32)
-  return ids[:int(0.9 * len(ids))], len(vocab)
-
-
-def batches(ids: np.ndarray, batch: int, context: int, seed: int):
-  rng = np.random.default_rng(seed)
-  while True:
-    start = rng.integers(0, len(ids) - context - 1, batch)
-    window = np.stack([ids[s:s + context + 1] for s in start])
-    yield window[:, :-1], window[:, 1:]
 
 
 def lm_loss(model):
@@ -98,10 +80,17 @@ def main(argv=None) -> dict:
                                                    "eva_s"]))
   p.add_argument("--out", default="benchmarks/out/transformer_step.json")
   args = p.parse_args(argv)
-  ids, vocab = load_text(args.data_dir)
-  model = models.TransformerLM(vocab=vocab, width=args.width, depth=args.depth, heads=args.heads,
-                               context=args.context)
-  data = batches(ids, args.batch, args.context, seed=0)
+  text = datasets.language_model_data(datasets.load_shakespeare(args.data_dir), args.context)
+  model = models.TransformerLM(vocab=len(datasets.SHAKESPEARE_VOCABULARY), width=args.width,
+                               depth=args.depth, heads=args.heads, context=args.context)
+  rng = np.random.default_rng(0)
+
+  def data():  # random training windows
+    while True:
+      index = rng.integers(0, len(text.x_train), args.batch)
+      yield text.x_train[index], text.y_train[index]
+
+  data = data()
   x, y = next(data)
   params = model.init(jax.random.key(0), x)["params"]
   loss_fn = lm_loss(model)
@@ -135,7 +124,8 @@ def main(argv=None) -> dict:
 
   times = train.time_interleaved(runs, x, y, args.rounds)
   base = median(times["adamw"]) if "adamw" in times else None
-  print(f"\nTransformerLM vocab {vocab}, width {args.width}, depth {args.depth}, batch {args.batch}, context {args.context}, "
+  print(f"\nTransformerLM vocab {len(datasets.SHAKESPEARE_VOCABULARY)}, width {args.width}, "
+        f"depth {args.depth}, batch {args.batch}, context {args.context}, "
         f"{jax.devices()[0].platform}, {args.rounds} interleaved rounds")
   print("optimizer  step ms  x AdamW  compile s")
   for name, t in times.items():

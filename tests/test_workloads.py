@@ -68,7 +68,7 @@ def test_muon_takes_the_hidden_matrices_and_adam_the_rest():
   task = models.get_task("shakespeare_char")
   tokens = np.zeros((2, 64), np.int32)
   params, state = task.init(jax.random.key(0), tokens)
-  info, _ = train.capture_info(task, params, state, tokens, tokens)
+  info, _ = train.capture_info(train.loss_fn(task), params, tokens, tokens)
   numbers = optimizers.muon_dimension_numbers(params, info.layouts, task.head)
   attention = numbers["blocks"]["MultiHeadDotProductAttention_0"]
   assert attention["query"]["kernel"] == optax_dims((1,), (2, 3))  # [L, d, heads, head_dim]
