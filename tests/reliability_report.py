@@ -42,8 +42,13 @@ def bad_numbers(name: str) -> tuple[int, int, int, list]:
     finite += outcome.finite
     recovered += outcome.recovered
     if not (outcome.finite and outcome.recovered):
+      note = ""
+      if name in t.GRADIENT_SCALED and fault.target == "grads":
+        clipped = t.fault_outcome(t.setup(name, clip=True), fault)
+        note = (f" (behind optax.clip_by_global_norm(1.0): finite={clipped.finite}, "
+                f"recovered={clipped.recovered})")
       failures.append(f"{fault.value:g} in {'all of' if fault.leaf is None else 'one entry of'} "
-                      f"{fault.target}: finite={outcome.finite}, {outcome.detail}")
+                      f"{fault.target}: finite={outcome.finite}, {outcome.detail}{note}")
   return len(cases), finite, recovered, failures
 
 

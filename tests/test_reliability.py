@@ -63,6 +63,7 @@ class Setup(NamedTuple):
   params: Any
   step: Callable  # (params, state, value, where) -> (params, state, updates, loss); donates 0, 1
   clean: dict  # {"grads": …, "curvature": …, "second": …}: all-False masks
+  clip: bool  # behind optax.clip_by_global_norm(1.0)
 
 
 # Momentum 0: a bad step's update must not be remembered by the trace (that is first-order
@@ -111,13 +112,17 @@ def _masks(params, loss_fn, statistics) -> dict:
 
 
 @functools.cache
-def setup(name: str) -> Setup:
+def setup(name: str, clip: bool = False) -> Setup:
+  """``name``'s row (momentum 0, OVERRIDES) under ``optax.apply_if_finite``; with ``clip``,
+  behind ``optax.clip_by_global_norm(1.0)`` (the remedy for GRADIENT_SCALED optimizers)."""
   params, loss_fn = _problem()
   bare = factory_of(name, momentum=0.0, **OVERRIDES.get(name, {}))(0.05)
+  if clip:
+    bare = optax.chain(optax.clip_by_global_norm(1.0), bare)
   tx = optax.apply_if_finite(bare, max_consecutive_errors=3)
   statistics = _ROWS[name][2]
   return Setup(name, tx, bare, statistics, params, _make_step(tx, statistics, loss_fn),
-               _masks(params, loss_fn, statistics))
+               _masks(params, loss_fn, statistics), clip)
 
 
 def copy(tree):
@@ -142,10 +147,10 @@ def run(s: Setup, steps: int, params=None, state=None, bad: tuple = (), visited=
 
 
 @functools.cache
-def clean_run(name: str) -> tuple[list, list]:
+def clean_run(name: str, clip: bool = False) -> tuple[list, list]:
   """The uninterrupted run: (parameters each step started from, each step's updates)."""
   visited = []
-  updates = run(setup(name), max(CLEAN_BEFORE) + 2 + RECOVERY_STEPS, visited=visited)[2]
+  updates = run(setup(name, clip), max(CLEAN_BEFORE) + 2 + RECOVERY_STEPS, visited=visited)[2]
   return visited, updates
 
 
@@ -231,7 +236,7 @@ def fault_outcome(s: Setup, fault: Fault) -> Outcome:
     return Outcome(finite, False, "parameters or state not finite after the clean steps")
   # The statistics have recovered when, at the clean run's parameters of the next step, they
   # give the clean run's update there (same batch; the trajectories themselves differ).
-  visited, updates = clean_run(s.name)
+  visited, updates = clean_run(s.name, s.clip)
   k = before + 1 + RECOVERY_STEPS
   probe = s.step(copy(visited[k]), state, jnp.float32(0.0), s.clean)[2]
   similarity = cosine(probe, updates[k])
@@ -249,6 +254,15 @@ def test_one_bad_step_is_finite_or_skipped_and_the_run_recovers(name, data):
   assert outcome.finite, "the bad step's update is neither finite nor cleanly skipped"
   if not (name in GRADIENT_SCALED and fault.target == "grads" and abs(fault.value) >= 1e30):
     assert outcome.recovered, outcome.detail
+
+
+@pytest.mark.parametrize("name", ["eva_s", "kbfgs"])  # kbfgs_l: K-BFGS's code path, timed out
+@pytest.mark.parametrize("value", [1e30, -1e30])
+def test_huge_gradients_behind_a_norm_clip_recover(name, value):
+  # The documented remedy for GRADIENT_SCALED optimizers: a norm clip in front turns the huge
+  # gradient (whose norm overflows to inf) into a zero step (reliability_report checks all).
+  outcome = fault_outcome(setup(name, clip=True), Fault(2, value, "grads", None, None))
+  assert outcome.finite and outcome.recovered, outcome.detail
 
 
 # --- misuse ------------------------------------------------------------------------------------
