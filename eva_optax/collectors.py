@@ -176,7 +176,8 @@ def _collector(kind: type, shapes: Callable, stat_decay: float,
     return kind(*(jnp.zeros(s, jnp.float32) for s in shapes(d_in, d_in + has_bias, d_out)))
 
   def update(old, new, count):
-    new = kind(*(jnp.asarray(v, jnp.float32) for v in new))
+    # On an explicit mesh the state keeps init's sharding (replicated) whatever the record's.
+    new = kind(*(layers.sharded_like(jnp.asarray(v, jnp.float32), o) for v, o in zip(new, old)))
     return running_average(old, new, count, stat_decay, max_jump)
 
   return Collector(kind, init, update, with_bias)

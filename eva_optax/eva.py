@@ -69,10 +69,9 @@ def remove_rank_one(grad: jax.Array, units, fraction: jax.Array) -> jax.Array:
   and with r ≤ 1/(1 + λ) the kept part (1 − r)⟨G, u⟩u dominates the float32 rounding of the
   subtraction even when G lies along u."""
   letters = "abcdefghijklmnopqrstuvwxyz"[:grad.ndim]
-  projection = jnp.einsum(",".join((letters, *letters)) + "->", grad, *units,
-                          precision=_HIGHEST)
   outer = jnp.einsum(",".join(letters) + "->" + letters, *units, precision=_HIGHEST)
-  return grad - (fraction * projection) * outer
+  # ⟨G, u⟩ as a product and a sum, not a contraction: G may be explicitly sharded.
+  return grad - (fraction * jnp.sum(grad * outer)) * outer
 
 
 def eva_layer(stats: collectors.KroneckerVectors, grad_matrix: jax.Array, damping,

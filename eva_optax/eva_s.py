@@ -120,7 +120,8 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
     vectors would not be finite (a NaN/Inf gradient, or sums that overflow) keeps its old
     vectors for that step; its update is NaN for a non-finite gradient (so
     ``optax.apply_if_finite`` skips the step) and finite for every finite gradient, whatever
-    its scale.
+    its scale. Explicitly sharded params (``jax.sharding.AxisType.Explicit``): each v_i is
+    sharded like its param's axis i, from ``init`` on, and nothing is gathered.
 
   Raises:
     ValueError: ``damping <= 0``, unknown ``damping_mode``, negative ``relative_damping`` or
@@ -139,7 +140,9 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
     def vectors(p):
       if p.ndim <= 1:
         return ()
-      return tuple(jnp.zeros((d,), jnp.float32) for d in p.shape)
+      # The mode means of a zero gradient: zeros shaped, and on an explicit mesh sharded, like
+      # the vectors update() computes, so the state's type is stable across updates.
+      return mode_means(jnp.zeros_like(p, dtype=jnp.float32))
     return EvaSState(jnp.zeros((), jnp.int32), jax.tree.map(vectors, params))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, transform
+from eva_optax import collectors, layers, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 INVERSE_METHODS = ("cholesky", "eigh")
@@ -157,8 +157,13 @@ def scale_by_kfac(
 
   def apply(stats, state, grad_matrix):
     del stats
+    # On an explicit mesh Ĝ's columns may be sharded (layers.matrix_spec): the right factor
+    # contracts them, so the product's sharding (Ĝ's) is spelled out.
+    mesh = layers.explicit_mesh(grad_matrix)
+    out = None if mesh is None else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*layers.spec(grad_matrix)))
     return jnp.matmul(jnp.matmul(state.a, grad_matrix, precision=_HIGHEST), state.g,
-                      precision=_HIGHEST)
+                      precision=_HIGHEST, out_sharding=out)
 
   return transform.scale_by_kronecker(
       collectors.kronecker_factors(stat_decay),

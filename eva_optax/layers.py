@@ -80,26 +80,91 @@ def matrix_shape(layer: Mapping[str, jax.Array], layout: Layout = Layout()) -> t
 
 
 def to_matrix(layer: Mapping[str, jax.Array], layout: Layout = Layout()) -> jax.Array:
-  """Ĝ = [∇K; ∇b] as float32 ``[*stack, d_in (+1), d_out]``."""
+  """Ĝ = [∇K; ∇b] as float32 ``[*stack, d_in (+1), d_out]``.
+
+  On an explicitly sharded kernel (``jax.sharding.AxisType.Explicit`` mesh) the matrix keeps
+  the stack axes' and the (major) output axis' sharding and has its rows unsharded
+  (:func:`matrix_spec`): column (tensor-parallel) sharding costs nothing, a kernel sharded
+  along an input axis is gathered along it.
+  """
   stack = stack_shape(layer, layout)
   d, d_out = matrix_shape(layer, layout)
   d_in = d - ("bias" in layer)
-  matrix = layer["kernel"].reshape(stack + (d_in, d_out)).astype(jnp.float32)
+  entries = matrix_spec(layer["kernel"], layout)
+  matrix = _reshape(layer["kernel"], stack + (d_in, d_out), entries).astype(jnp.float32)
   if "bias" in layer:
-    bias = layer["bias"].reshape(stack + (1, d_out)).astype(jnp.float32)
+    bias = _reshape(layer["bias"], stack + (1, d_out), entries).astype(jnp.float32)
     matrix = jnp.concatenate([matrix, bias], axis=-2)
   return matrix
 
 
 def from_matrix(matrix: jax.Array, like: Mapping[str, jax.Array],
                 layout: Layout = Layout()) -> dict[str, jax.Array]:
-  """Inverse of :func:`to_matrix`, casting back to each leaf's dtype."""
+  """Inverse of :func:`to_matrix`, casting back to each leaf's dtype (and, on an explicit
+  mesh, resharding to each leaf's sharding)."""
   kernel = like["kernel"]
   d_in = matrix.shape[-2] - ("bias" in like)
-  out = {"kernel": matrix[..., :d_in, :].reshape(kernel.shape).astype(kernel.dtype)}
+  out = {"kernel": _reshape(matrix[..., :d_in, :], kernel.shape, spec(kernel)
+                            ).astype(kernel.dtype)}
   if "bias" in like:
-    out["bias"] = matrix[..., d_in, :].reshape(like["bias"].shape).astype(like["bias"].dtype)
+    bias = like["bias"]
+    out["bias"] = _reshape(matrix[..., d_in, :], bias.shape, spec(bias)).astype(bias.dtype)
   return out
+
+
+# --- explicit sharding ------------------------------------------------------------------------
+
+
+def explicit_mesh(x) -> Optional[jax.sharding.AbstractMesh]:
+  """The mesh in ``x``'s type when it has an Explicit axis (``jax.sharding.AxisType``), else
+  None: only then are shardings part of the types, so that reshapes, contractions over sharded
+  axes and ``where`` between differently sharded arrays must be spelled out."""
+  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+    return None
+  return mesh
+
+
+def spec(x) -> tuple:
+  """The ``PartitionSpec`` entries of ``x`` padded to its rank (all None without an explicit
+  mesh)."""
+  entries = tuple(jax.typeof(x).sharding.spec) if explicit_mesh(x) is not None else ()
+  return entries + (None,) * (jnp.ndim(x) - len(entries))
+
+
+def sharded_as(x: jax.Array, entries: tuple) -> jax.Array:
+  """``x`` resharded to ``PartitionSpec(*entries)`` on its explicit mesh; ``x`` itself
+  otherwise (plain jit, pmap, shard_map bodies)."""
+  mesh = explicit_mesh(x)
+  if mesh is None or spec(x) == tuple(entries):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      *entries)))
+
+
+def sharded_like(x: jax.Array, reference: jax.Array) -> jax.Array:
+  """``x`` with ``reference``'s sharding (same rank) on an explicit mesh; ``x`` otherwise."""
+  return sharded_as(x, spec(reference)) if explicit_mesh(reference) is not None else x
+
+
+def matrix_spec(kernel: jax.Array, layout: Layout = Layout()) -> tuple:
+  """The sharding of :func:`to_matrix`'s ``[*stack, rows, d_out]``: the kernel's stack axes,
+  unsharded rows and, for d_out, the first output axis' mesh axis when the other output axes
+  are unsharded (merging keeps contiguous shards), else unsharded."""
+  entries = spec(kernel)
+  outputs = entries[len(entries) - layout.output_axes:]
+  column = outputs[0] if all(e is None for e in outputs[1:]) else None
+  return entries[:layout.stacked_axes] + (None, column)
+
+
+def _reshape(x: jax.Array, shape: tuple, entries: tuple) -> jax.Array:
+  """``x.reshape(shape)``, on an explicit mesh with the output sharding ``entries`` (JAX cannot
+  infer it when a sharded axis is merged or split)."""
+  mesh = explicit_mesh(x)
+  if mesh is None:
+    return x.reshape(shape)
+  return jax.lax.reshape(x, tuple(shape), out_sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*entries)))
 
 
 def over_stack(fn: Callable, stacked_axes: int, in_axes=0) -> Callable:
@@ -191,7 +256,8 @@ class LayerView(NamedTuple):
 def augmented_gram(rows: jax.Array, has_bias: bool) -> jax.Array:
   """mean over rows of [a; 1][a; 1]ᵀ (``has_bias``) or of a aᵀ, float32 ``[d (+1), d (+1)]``."""
   if has_bias:
-    rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+    # ones_like of a column keeps a batch-sharded rows' sharding (explicit meshes need it).
+    rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
   return gram(rows) / rows.shape[0]
 
 
@@ -201,9 +267,8 @@ def gram(rows: jax.Array) -> jax.Array:
   Under ``jit`` with an explicitly sharded batch the contraction runs over the sharded axis,
   and JAX needs the output sharding spelled out.
   """
-  mesh = getattr(jax.typeof(rows).sharding, "mesh", None)
-  explicit = mesh is not None and jax.sharding.AxisType.Explicit in mesh.axis_types
-  out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if explicit else None
+  mesh = explicit_mesh(rows)
+  out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST, out_sharding=out)
 
 

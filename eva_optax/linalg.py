@@ -94,7 +94,8 @@ def unit_vector(vector: jax.Array) -> tuple[jax.Array, jax.Array]:
   direction and log-norm. ``v = 0`` gives ``(0, -inf)``; a NaN entry gives NaNs.
   """
   largest, scaled = _scaled(vector)
-  norm = jnp.sqrt(jnp.dot(scaled, scaled, precision=_HIGHEST))  # in [1, √d] unless v = 0
+  # A product and a sum rather than a dot: an explicitly sharded v cannot be contracted.
+  norm = jnp.sqrt(jnp.sum(scaled * scaled))  # in [1, √d] unless v = 0
   nonzero = norm > 0
   return (scaled / jnp.where(nonzero, norm, 1.0),
           jnp.where(nonzero, jnp.log(largest) + jnp.log(jnp.where(nonzero, norm, 1.0)),

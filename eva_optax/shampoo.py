@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, guards, linalg, transform
+from eva_optax import collectors, guards, layers, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 GRAFT_TYPES = ("sgd", "adagrad", "rmsprop", "adam")
@@ -182,7 +182,7 @@ def _static_int(name: str, value, minimum: int) -> int:
 
 
 def _graft_init(graft_type, param):
-  zeros = jnp.zeros(param.shape, jnp.float32)
+  zeros = jnp.zeros_like(param, dtype=jnp.float32)  # sharded like the param, as its updates
   return {"sgd": (), "adagrad": (zeros,), "rmsprop": (zeros,), "adam": (zeros, zeros)}[graft_type]
 
 
@@ -263,7 +263,10 @@ def scale_by_shampoo(
     its statistics and graft state stay as they were and its update is 0 (NaN for a
     non-finite gradient, so that ``optax.apply_if_finite`` skips the step). Roots are computed
     from statistics divided by their largest entry, so finite statistics of any scale keep
-    refreshing.
+    refreshing. Explicitly sharded params (``jax.sharding.AxisType.Explicit``): the graft
+    state is sharded like each param and the statistics and roots are replicated, from ``init``
+    on; every preconditioned tensor's gradient is gathered for its blocks (no block-to-shard
+    layout yet), and its update is resharded like the param.
 
   Raises:
     ValueError: a non-positive ``block_size``/``preconditioning_compute_steps``/``matrix_epsilon``
@@ -313,23 +316,28 @@ def scale_by_shampoo(
     originals, treedef = jax.tree.flatten(updates)
     grads = [g.astype(jnp.float32) for g in originals]
     plans = [plan_of(g) for g in grads]
+    # The block statistics and roots are replicated: on an explicit mesh the preconditioned
+    # tensors are gathered (a block-to-shard layout is not implemented), the graft stays sharded.
+    full = [g if plan.merged is None else layers.sharded_as(g, (None,) * g.ndim)
+            for g, plan in zip(grads, plans)]
     graft_fn = lambda g, s: _graft_update(graft_type, g, s, count, graft_beta1, graft_beta2,
                                           graft_epsilon)
     stats, graft_steps, graft, taken = map(list, zip(*[
-        _statistics_step(beta2, graft_fn, g, plan, transform.as_sequence(s),
+        _statistics_step(beta2, graft_fn, g, f, plan, transform.as_sequence(s),
                          transform.as_sequence(a))
-        for g, plan, s, a in zip(grads, plans, treedef.flatten_up_to(state.stats),
-                                 treedef.flatten_up_to(state.graft))]))
+        for g, f, plan, s, a in zip(grads, full, plans, treedef.flatten_up_to(state.stats),
+                                    treedef.flatten_up_to(state.graft))]))
     old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
     refresh = (count >= start) & ((count - start) % period == 0)
     roots = _refreshed(root, refresh, stats, old_roots, [plan.p for plan in plans])
     out = []
-    for grad, plan, leaf_roots, graft_step, ok, original in zip(grads, plans, roots, graft_steps,
-                                                                taken, originals):
+    for grad, whole, plan, leaf_roots, graft_step, ok, original in zip(
+        grads, full, plans, roots, graft_steps, taken, originals):
       if plan.merged is None:
         direction = graft_step
       else:
-        shampoo_step = linalg.rescale_to_norm(_precondition(grad, plan, leaf_roots), graft_step)
+        shampoo_step = linalg.rescale_to_norm(
+            layers.sharded_like(_precondition(whole, plan, leaf_roots), grad), graft_step)
         direction = jnp.where(count >= start, shampoo_step, graft_step)
       # A skipped tensor does not move: 0·G is 0, or NaN for a non-finite G (apply_if_finite).
       out.append(jnp.where(ok, direction, 0 * grad).astype(original.dtype))
@@ -361,12 +369,14 @@ def _accumulate(beta2, grad, plan: _Plan, stats: tuple) -> tuple:
   return tuple(new)
 
 
-def _statistics_step(beta2, graft_fn, grad, plan: _Plan, stats: tuple, graft_state: tuple):
-  """One tensor's ``(stats, graft step, graft state, taken)``. The new statistics and graft
+def _statistics_step(beta2, graft_fn, grad, full_grad, plan: _Plan, stats: tuple,
+                     graft_state: tuple):
+  """One tensor's ``(stats, graft step, graft state, taken)``; ``full_grad`` is ``grad``
+  replicated (on an explicit mesh) for the block statistics. The new statistics and graft
   state are taken only when they and the gradient are finite: a NaN/Inf gradient, or a huge one
   whose squares overflow float32, would otherwise make them NaN/Inf for good (and, with Inf
   statistics, stop every later root refresh)."""
-  new_stats = _accumulate(beta2, grad, plan, stats)
+  new_stats = _accumulate(beta2, full_grad, plan, stats)
   graft_step, new_graft = graft_fn(grad, graft_state)
   taken = collectors.all_finite((grad, new_stats, new_graft))
   return (collectors.keep_unless(~taken, new_stats, stats), graft_step,

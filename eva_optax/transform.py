@@ -119,7 +119,9 @@ def _inverse_root_of_sum_inner(xs: Mapping[str, jax.Array],
   top_y = linalg.max_abs(ys)
   safe_x = jnp.where(top_x > 0, top_x, 1.0)
   safe_y = jnp.where(top_y > 0, top_y, 1.0)
-  total = sum(jnp.vdot(xs[k] / safe_x, ys[k] / safe_y) for k in xs)
+  # Products and sums rather than vdot, which flattens (not possible for an explicitly
+  # sharded matrix) and contracts sharded axes.
+  total = sum(jnp.sum((xs[k] / safe_x) * (ys[k] / safe_y)) for k in xs)
   positive = total > 0
   factor = (jax.lax.rsqrt(jnp.where(positive, total, 1.0)) * jax.lax.rsqrt(safe_x)
             * jax.lax.rsqrt(safe_y))
@@ -315,7 +317,11 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     curvature)`` needs the step's statistics as the keyword ``curvature`` (a nested dict keyed by
     module path, see :mod:`eva_optax.collectors`). Parameters of layers absent from
     ``curvature`` and non-kernel parameters pass through unchanged. Directions are computed in
-    float32 and returned in each parameter's dtype.
+    float32 and returned in each parameter's dtype. On explicitly sharded params
+    (``jax.sharding.AxisType.Explicit``) statistics and preconditioner state are replicated
+    (from ``init`` on, whatever the records' sharding), Ĝ keeps the kernel's output-axis
+    sharding (:func:`~eva_optax.layers.to_matrix`) and updates come back sharded like the
+    params.
 
   Raises:
     ValueError / TypeError at ``init``: a layout that does not fit its kernel, integer

@@ -157,19 +157,22 @@ def _tap(spec, y, forward, probes):
 
 def _tap_fwd(spec, y, forward, probes):
   del spec
-  return y, (forward, probes.get(COUNT))
+  return y, (forward, probes)
 
 
 def _tap_bwd(spec, residual, ct):
   backward, names = spec
-  forward, count = residual
+  forward, probes = residual
   out = dict(forward)
   out.update(backward(ct))
-  if count is not None:
+  if COUNT in probes:
     # 0·probe + 1 rather than a constant: under shard_map the cotangent must be device-varying
     # like the probe itself.
-    out[COUNT] = count * 0.0 + 1.0
-  return ct, jax.tree.map(jnp.zeros_like, forward), {n: out[n] for n in names}
+    out[COUNT] = probes[COUNT] * 0.0 + 1.0
+  # A cotangent must have its probe's type: on an explicit mesh a reduction of a sharded input
+  # or output (tensor-parallel features) comes out sharded, the (replicated) probe does not.
+  return ct, jax.tree.map(jnp.zeros_like, forward), {
+      n: layers.sharded_like(out[n], probes[n]) for n in names}
 
 
 _tap.defvjp(_tap_fwd, _tap_bwd)
