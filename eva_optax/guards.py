@@ -48,6 +48,12 @@ REINIT_FIX = ("re-run opt_state = tx.init(params) for these parameters (or " + R
               ")")
 
 
+class TracedStructure(ValueError):
+  """Raised by an ``init`` whose state shapes depend on a hyperparameter that is traced here
+  (``optax.inject_hyperparams`` traces numeric arguments in ``update``): the guard cannot rebuild
+  the expected state then, and skips the state check (the dtype checks still run)."""
+
+
 def _is_record(node) -> bool:
   """Whether ``node`` is a NamedTuple (an optimizer state or statistics record)."""
   return isinstance(node, tuple) and hasattr(node, "_fields")
@@ -126,13 +132,19 @@ def _describe(node) -> str:
 
 
 def check_state(state, init, updates, who: str) -> None:
-  """Raises when ``state`` is not shaped like ``init(updates)`` (see the module docstring).
+  """Raises when ``state`` is not shaped like ``init(updates)`` (see the module docstring);
+  does nothing when ``init`` raises :class:`TracedStructure` (shapes set by a traced
+  hyperparameter, e.g. K-BFGS(L)'s ``memory_size`` under ``inject_hyperparams``).
 
   Raises:
     TypeError: an optimizer record restored as a plain dict/list (no checkpoint target).
     ValueError: missing or extra layers/tensors, or an array of another shape (stale state).
   """
-  _compare(jax.eval_shape(init, updates), state, "state", who)
+  try:
+    expected = jax.eval_shape(init, updates)
+  except TracedStructure:
+    return
+  _compare(expected, state, "state", who)
 
 
 def guarded(tx: optax.GradientTransformation, who: str) -> optax.GradientTransformationExtraArgs:

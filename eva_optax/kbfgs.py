@@ -231,8 +231,8 @@ class _Settings(NamedTuple):
 
 def _init(settings: _Settings, size, layouts: Mapping, params) -> ScaleByKBFGSState:
   if settings.limited and size is None:
-    raise ValueError("eva_optax: memory_size is traced; with optax.inject_hyperparams pass "
-                     "static_args=('memory_size',).")
+    raise guards.TracedStructure("eva_optax: memory_size is traced; with "
+                                 "optax.inject_hyperparams pass static_args=('memory_size',).")
   if transform.opaque(params):
     return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32),
                              preconditioner=transform.PerLayer(), stats=transform.PerLayer())
