@@ -151,11 +151,12 @@ def running_average(old, new, count: jax.Array, stat_decay: float,
   ``m ← stat_decay · new + (1 − stat_decay) · m`` — ``stat_decay`` weights the *new* value.
 
   A record with a non-finite entry (a bad batch) leaves ``old`` as it was, so one bad step
-  cannot poison the statistics for good (its update is still non-finite, which
-  ``optax.apply_if_finite`` can skip). With ``max_jump``, so does a finite record after the
-  first whose scale (largest |entry| of a field) exceeds ``max_jump`` times the running
-  average's: a single 1e30 record weighted 0.05 would otherwise dominate the average for
-  hundreds of steps. The first record is always taken (unless non-finite).
+  cannot poison the statistics for good (the step is preconditioned with ``old``; a bad
+  batch's gradient is usually non-finite too, and ``optax.apply_if_finite`` skips it). With
+  ``max_jump``, so does a finite record after the first whose scale (largest |entry| of a
+  field) exceeds ``max_jump`` times the running average's: a single 1e30 record weighted 0.05
+  would otherwise dominate the average for hundreds of steps. The first record is always
+  taken (unless non-finite).
   """
   first = count == 0
   reject = ~all_finite(new)
@@ -185,7 +186,9 @@ def _collector(kind: type, shapes: Callable, stat_decay: float,
 
 def vectors_with_bias(stats):
   """ā with the bias input 1 appended (its mean is 1)."""
-  return stats._replace(a=jnp.append(stats.a, 1.0))
+  # ones_like of an entry, not a constant: under vmap over an explicitly sharded layer stack
+  # the appended 1 must be batched (and sharded) like ā.
+  return stats._replace(a=jnp.concatenate([stats.a, jnp.ones_like(stats.a[:1])]))
 
 
 def kronecker_vectors(stat_decay: float) -> Collector:

@@ -241,7 +241,7 @@ def _init(settings: _Settings, size, layouts: Mapping, params) -> ScaleByKBFGSSt
     stack, d_in, d_out, has_bias = transform.layer_shapes(
         layer, name, layouts.get(name, layers.Layout()))
     stats[name], factors[name] = transform.stacked_init(
-        _init_layer, stack, settings, size, d_in + has_bias, d_out)
+        _init_layer, stack, settings, size, d_in + has_bias, d_out, kernel=layer["kernel"])
   return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32), preconditioner=factors, stats=stats)
 
 

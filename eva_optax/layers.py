@@ -132,10 +132,11 @@ def spec(x) -> tuple:
   return entries + (None,) * (jnp.ndim(x) - len(entries))
 
 
-def sharded_as(x: jax.Array, entries: tuple) -> jax.Array:
-  """``x`` resharded to ``PartitionSpec(*entries)`` on its explicit mesh; ``x`` itself
-  otherwise (plain jit, pmap, shard_map bodies)."""
-  mesh = explicit_mesh(x)
+def sharded_as(x: jax.Array, entries: tuple, mesh=None) -> jax.Array:
+  """``x`` resharded to ``PartitionSpec(*entries)`` on its explicit mesh (or ``mesh``, e.g. a
+  kernel's for a freshly made array); ``x`` itself otherwise (plain jit, pmap, shard_map
+  bodies)."""
+  mesh = mesh if mesh is not None else explicit_mesh(x)
   if mesh is None or spec(x) == tuple(entries):
     return x
   return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(

@@ -209,9 +209,16 @@ def layer_shapes(layer: Mapping[str, jax.Array], name: str,
   return layers.stack_shape(layer, layout), d - ("bias" in layer), d_out, "bias" in layer
 
 
-def stacked_init(init: Callable, stack: tuple[int, ...], *args):
-  """``init(*args)`` for one slice, repeated over the stack axes ``stack``."""
-  return jax.tree.map(lambda z: jnp.broadcast_to(z, stack + jnp.shape(z)), init(*args))
+def stacked_init(init: Callable, stack: tuple[int, ...], *args, kernel=None):
+  """``init(*args)`` for one slice, repeated over the stack axes ``stack``. On an explicit mesh
+  the stack axes take the sharding of ``kernel``'s (the update vmaps over the slices of both
+  together, which needs equal sharding there); the per-slice axes are replicated."""
+  stacked = jax.tree.map(lambda z: jnp.broadcast_to(z, stack + jnp.shape(z)), init(*args))
+  if kernel is None or not stack or layers.explicit_mesh(kernel) is None:
+    return stacked
+  head = layers.spec(kernel)[:len(stack)]
+  return jax.tree.map(lambda z: layers.sharded_as(z, head + (None,) * (z.ndim - len(head)),
+                                                  layers.explicit_mesh(kernel)), stacked)
 
 
 def select_curvature(curvature, kind: type, who: str):
@@ -339,8 +346,8 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     stats, pstates = {}, {}
     for name, layer in layers.find_layers(params, layouts).items():
       stack, *shapes = layer_shapes(layer, name, layouts.get(name, layers.Layout()))
-      stats[name] = stacked_init(collector.init, stack, *shapes)
-      pstates[name] = stacked_init(preconditioner.init, stack, *shapes)
+      stats[name] = stacked_init(collector.init, stack, *shapes, kernel=layer["kernel"])
+      pstates[name] = stacked_init(preconditioner.init, stack, *shapes, kernel=layer["kernel"])
     return ScaleByKroneckerState(count=jnp.zeros((), jnp.int32), preconditioner=pstates,
                                  stats=stats)
 

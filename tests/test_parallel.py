@@ -326,3 +326,48 @@ def test_capture_of_tensor_parallel_layers_under_an_explicit_mesh(factory, stati
   # cancels (test_common's SCALED_ATOL): merely permuting this batch moves its state by 1.9e-4
   # of the largest entry, the sharded run by 1.3e-4.
   _assert_close(got, want, 3e-4 if statistics == eva_optax.KBFGS_STATISTICS else 1e-6)
+
+
+@pytest.mark.parametrize("factory,kind", [
+    pytest.param(eva_optax.eva, "kronecker_vectors", id="eva"),
+    pytest.param(eva_optax.eva_f, "activation_vector", id="eva_f"),
+    pytest.param(eva_optax.kfac, "kronecker_factors", id="kfac"),
+    pytest.param(eva_optax.foof, "activation_factor", id="foof"),
+])
+def test_a_layer_stack_sharded_along_its_stack_axis(factory, kind):
+  # nn.scan over layers with the layer axis on a mesh axis: the update vmaps over the slices of
+  # the statistics, the preconditioner state and Ĝ together, so init lays the statistics out
+  # along the kernel's stack sharding. Before: "Mapped away dimension of inputs passed to vmap
+  # should be sharded the same".
+  layouts = {"stack": eva_optax.Layout(stacked_axes=1)}
+  tx = factory(0.05, layouts=layouts)
+  keys = jax.random.split(jax.random.key(3), 4)
+  params = {"stack": {"kernel": jax.random.normal(keys[0], (4, 6, 5)),
+                      "bias": jax.random.normal(keys[1], (4, 5))}}
+  a, g = jax.random.normal(keys[2], (4, 6)), jax.random.normal(keys[3], (4, 5))
+  a1 = jnp.concatenate([a, jnp.ones((4, 1))], axis=1)
+  factor_a = jnp.einsum("si,sj->sij", a1, a1) + jnp.eye(7)
+  record = {"kronecker_vectors": eva_optax.KroneckerVectors(a, g),
+            "activation_vector": eva_optax.ActivationVector(a),
+            "kronecker_factors": eva_optax.KroneckerFactors(
+                factor_a, jnp.einsum("si,sj->sij", g, g) + jnp.eye(5)),
+            "activation_factor": eva_optax.ActivationFactor(factor_a)}[kind]
+
+  def run(params, record):
+    def step(carry, scale):
+      p, state = carry
+      grads = jax.tree.map(lambda x: scale * x, p)
+      updates, state = tx.update(grads, state, p, curvature={"stack": record})
+      return (optax.apply_updates(p, updates), state), None
+    state = jax.jit(tx.init)(params)
+    return state, jax.jit(lambda c: jax.lax.scan(step, c, jnp.asarray([1.0, 0.5]))[0])(
+        (params, state))
+
+  _, want = run(params, record)
+  mesh = jax.make_mesh((DEVICES,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    shard = lambda x: jax.sharding.reshard(x, P("x", *(None,) * (x.ndim - 1)))
+    init, got = run(jax.tree.map(shard, params), jax.tree.map(shard, record))
+    for new, old in zip(jax.tree.leaves(got[1]), jax.tree.leaves(init)):
+      assert jax.typeof(new) == jax.typeof(old)
+  _assert_close(got, want)
