@@ -16,6 +16,7 @@ steps.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, NamedTuple, Optional
 
 import jax
@@ -47,7 +48,23 @@ def damped_inverse(matrix: jax.Array, damping, method: str = "cholesky") -> jax.
   ``"cholesky"``: Cholesky factor and two triangular solves; not finite when M + damping·I is
   not numerically positive definite. ``"eigh"``: eigendecomposition with negative eigenvalues
   (rounding) clipped to 0, so always finite for a finite M. The result is symmetrized.
+
+  Under ``jax.vmap`` (a layer stack's slices) the CPU computes the slices one after another:
+  jaxlib's batched CPU LAPACK kernels spread a batch over XLA's intra-op thread pool, and two of
+  them running at once (A's and G's refresh) can each wait on the other's workers forever on a
+  2-core machine (seen: a K-FAC refresh of a 4-layer ``nn.scan`` Transformer hung with every
+  worker idle). Other platforms, and stacks sharded on an explicit mesh (whose slices live on
+  different devices), keep the batched kernels.
   """
+  one = functools.partial(_damped_inverse, method=method)
+  damping = jnp.asarray(damping, matrix.dtype)
+  if layers.explicit_mesh(matrix) is not None:
+    return one(matrix, damping)
+  return jax.lax.platform_dependent(
+      matrix, damping, cpu=jax.custom_batching.sequential_vmap(one), default=one)
+
+
+def _damped_inverse(matrix: jax.Array, damping, method: str) -> jax.Array:
   sym = 0.5 * (matrix + matrix.T)
   eye = jnp.eye(sym.shape[0], dtype=sym.dtype)
   if method == "cholesky":

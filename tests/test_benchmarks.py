@@ -118,7 +118,7 @@ def test_digits_run(tmp_path):
   diagnostics = results["runs"]["eva"]["seeds"][0]["diagnostics"]
   assert set(diagnostics) == {"Dense_0", "Dense_1"}
   for values in diagnostics.values():
-    assert set(values) == {"signal_to_damping", "removed_fraction"}
+    assert set(values) == {"signal_to_damping", "removed_fraction", "g_norm"}
   assert results["runs"]["sgd"]["summary"]["step_ratio"] == 1.0
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import eva_optax
 from eva_optax import collectors
-from eva_optax.kfac import factored_damping
+from eva_optax.kfac import damped_inverse, factored_damping
 from test_capture import _im2col
 
 # Factor entries are float32 sums of O(100) products of O(1) terms: ~1e-6 relative error.
@@ -331,3 +331,18 @@ def test_wrong_record_type_raises_naming_the_layer():
   with pytest.raises(ValueError, match=r"curvature\['layer'\].a has shape \(2, 2\)"):
     tx.update(params, tx.init(params), params,
               curvature={"layer": eva_optax.KroneckerFactors(jnp.eye(2), jnp.eye(2))})
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+def test_stacked_refresh_runs_slice_by_slice_on_cpu(method):
+  # A layer stack's inverses equal the slices' own; on the CPU they lower to unbatched LAPACK
+  # calls in a loop (batched ones can deadlock XLA's 2-thread pool, see damped_inverse).
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6))
+  stack = x @ jnp.swapaxes(x, 1, 2)
+  stacked = jax.jit(jax.vmap(lambda m: damped_inverse(m, 0.1, method)))
+  for i in range(4):
+    np.testing.assert_allclose(stacked(stack)[i], damped_inverse(stack[i], 0.1, method),
+                               rtol=1e-6, atol=1e-6)
+  text = stacked.lower(stack).as_text()
+  calls = [line for line in text.splitlines() if "lapack_" in line and "custom_call" in line]
+  assert calls and all('num_batch_dims = "0"' in line for line in calls), calls
