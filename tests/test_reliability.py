@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 import eva_optax
 from test_common import OPTIMIZERS, _problem, capture_fn, second_pass
+from test_nnx import LinenCNN
 
 NAMES = ("eva", "eva_f", "foof", "kfac", "shampoo", "eva_s", "kbfgs", "kbfgs_l")
 _ROWS = {row[0]: row for row in OPTIMIZERS}
@@ -268,14 +269,8 @@ def test_huge_gradients_behind_a_norm_clip_recover(name, value):
 # --- misuse ------------------------------------------------------------------------------------
 
 
-class Other(nn.Module):
-  """test_common.Net's shapes under other layer names."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(4, (3, 3), strides=2, name="conv")(x))
-    x = nn.relu(nn.Dense(8, use_bias=False, name="hidden")(x.reshape(x.shape[0], -1)))
-    return nn.Dense(3, name="head")(x)
+# test_common.Net's shapes under other layer names.
+Other = LinenCNN
 
 
 class Bigger(nn.Module):
