@@ -1,7 +1,6 @@
 """K-BFGS and K-BFGS(L): the "output_vectors" capture, the second pass, skipping of bad pairs,
 K-BFGS(L) against K-BFGS, and training the MNIST autoencoder against SGD."""
 
-import functools
 
 import flax.linen as nn
 import jax
