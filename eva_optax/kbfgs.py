@@ -124,6 +124,24 @@ def _bfgs_or_keep(h, s, y, accept):
   return jnp.where(accept & jnp.all(jnp.isfinite(new)), new, h)
 
 
+def _precondition_layers(settings: _Settings, layouts, captured, grads, first, state):
+  """Every captured layer's first-pass step (:func:`_precondition`, per stack slice): the
+  updated ``stats`` and ``factors`` dicts, the directions in the kernels' shapes, and per layer
+  the Levenberg–Marquardt A and ā that :func:`_learn` needs after the second pass."""
+  stats, factors = dict(state.stats), dict(state.preconditioner)
+  directions, lm_a, a_bar = {}, {}, {}
+  for name in captured:
+    layout = layouts.get(name, layers.Layout())
+    stats[name], factors[name], direction, lm_a[name], a_bar[name] = layers.over_stack(
+        functools.partial(_precondition, settings, count=state.count,
+                          has_bias="bias" in grads[name]), layout.stacked_axes)(
+            state.stats[name], state.preconditioner[name],
+            first["activation_factor"][name].a, first["activation_vector"][name].a,
+            layers.to_matrix(grads[name], layout))
+    directions[name] = layers.from_matrix(direction, grads[name], layout)
+  return stats, factors, directions, lm_a, a_bar
+
+
 def scale_by_kbfgs(
     learning_rate: optax.ScalarOrSchedule,
     damping: float = 0.3,
@@ -188,17 +206,8 @@ def scale_by_kbfgs(
     count = state.count
     masked = layers.masked_layers(updates, layouts)
     first, captured = _first_pass(curvature, grads, state, masked)
-    stats, factors = dict(state.stats), dict(state.preconditioner)
-    directions, lm_a, a_bar = {}, {}, {}
-    for name in captured:
-      layout = layouts.get(name, layers.Layout())
-      stats[name], factors[name], direction, lm_a[name], a_bar[name] = layers.over_stack(
-          functools.partial(_precondition, settings, count=count,
-                            has_bias="bias" in grads[name]), layout.stacked_axes)(
-              state.stats[name], state.preconditioner[name],
-              first["activation_factor"][name].a, first["activation_vector"][name].a,
-              layers.to_matrix(grads[name], layout))
-      directions[name] = layers.from_matrix(direction, grads[name], layout)
+    stats, factors, directions, lm_a, a_bar = _precondition_layers(
+        settings, layouts, captured, grads, first, state)
     updates = transform.replace_layers(updates, directions, layouts)
 
     lr = learning_rate(count) if callable(learning_rate) else learning_rate

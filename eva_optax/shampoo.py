@@ -23,6 +23,7 @@ does not use :func:`~eva_optax.scale_by_kronecker` and preconditions every tenso
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -207,6 +208,35 @@ def _graft_update(graft_type, grad, state, count, beta1, beta2, epsilon):
   return mu_hat / (jnp.sqrt(nu_hat) + epsilon), (mu, nu)
 
 
+def _check_options(beta2, matrix_epsilon, graft_type, graft_beta1, graft_beta2, graft_epsilon,
+                   root_method) -> None:
+  """The ``ValueError``s of :func:`scale_by_shampoo`'s float and string options."""
+  transform.check_positive("matrix_epsilon", matrix_epsilon)
+  transform.check_positive("graft_epsilon", graft_epsilon)
+  transform.check_unit_interval("beta2", beta2)
+  transform.check_unit_interval("graft_beta1", graft_beta1, closed_right=False)
+  transform.check_unit_interval("graft_beta2", graft_beta2, closed_right=False)
+  if graft_type not in GRAFT_TYPES:
+    raise ValueError(f"eva_optax: graft_type must be one of {GRAFT_TYPES}, got {graft_type!r}.")
+  if root_method not in ROOT_METHODS:
+    raise ValueError(f"eva_optax: root_method must be one of {ROOT_METHODS}, "
+                     f"got {root_method!r}.")
+
+
+def _grafted_direction(grad, whole, plan, roots, graft_step, taken, preconditioning):
+  """One tensor's direction: the Shampoo step rescaled to the graft step's norm once
+  ``preconditioning`` (else, and for unpreconditioned tensors, the graft step); a tensor
+  whose statistics step was not ``taken`` does not move — 0·G is 0, or NaN for a non-finite
+  G, so that ``optax.apply_if_finite`` skips the step."""
+  if plan.merged is None:
+    direction = graft_step
+  else:
+    shampoo_step = linalg.rescale_to_norm(
+        layers.sharded_like(_precondition(whole, plan, roots), grad), graft_step)
+    direction = jnp.where(preconditioning, shampoo_step, graft_step)
+  return jnp.where(taken, direction, 0 * grad)
+
+
 def scale_by_shampoo(
     block_size: int = 128,
     *,
@@ -278,74 +308,81 @@ def scale_by_shampoo(
     TypeError: integer parameters or gradients; a state restored from a checkpoint without a
       target.
   """
-  block_size = _static_int("block_size", block_size, 1)
-  start = _static_int("start_preconditioning_step", start_preconditioning_step, 0)
-  period = _static_int("preconditioning_compute_steps", preconditioning_compute_steps, 1)
-  exponent_override = _static_int("exponent_override", exponent_override, 0)
-  skip_dim_gt = _static_int("skip_preconditioning_dim_size_gt",
-                            skip_preconditioning_dim_size_gt, 1)
-  transform.check_positive("matrix_epsilon", matrix_epsilon)
-  transform.check_positive("graft_epsilon", graft_epsilon)
-  transform.check_unit_interval("beta2", beta2)
-  transform.check_unit_interval("graft_beta1", graft_beta1, closed_right=False)
-  transform.check_unit_interval("graft_beta2", graft_beta2, closed_right=False)
-  if graft_type not in GRAFT_TYPES:
-    raise ValueError(f"eva_optax: graft_type must be one of {GRAFT_TYPES}, got {graft_type!r}.")
-  if root_method not in ROOT_METHODS:
-    raise ValueError(f"eva_optax: root_method must be one of {ROOT_METHODS}, "
-                     f"got {root_method!r}.")
+  _check_options(beta2, matrix_epsilon, graft_type, graft_beta1, graft_beta2, graft_epsilon,
+                 root_method)
+  config = _Config(
+      _static_int("block_size", block_size, 1),
+      _static_int("start_preconditioning_step", start_preconditioning_step, 0),
+      _static_int("preconditioning_compute_steps", preconditioning_compute_steps, 1),
+      _static_int("exponent_override", exponent_override, 0),
+      _static_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt, 1),
+      beta2, matrix_epsilon, graft_type, graft_beta1, graft_beta2, graft_epsilon, root_method)
+  # Gradient-only: params, curvature= and other extra arguments of update are ignored.
+  update_fn = lambda updates, state, params=None, **_: _update(config, updates, state)
+  return guards.guarded(optax.GradientTransformationExtraArgs(
+      functools.partial(_init, config), update_fn), "shampoo")
 
-  def plan_of(x):
-    return _plan(x.shape, block_size, skip_dim_gt, exponent_override)
 
-  def init_fn(params):
-    return ShampooState(
-        count=jnp.zeros((), jnp.int32),
-        stats=jax.tree.map(lambda p: _identities(plan_of(p), matrix_epsilon), params),
-        preconditioner=jax.tree.map(lambda p: _identities(plan_of(p), 1.0), params),
-        graft=jax.tree.map(lambda p: _graft_init(graft_type, p), params))
+class _Config(NamedTuple):
+  """:func:`scale_by_shampoo`'s validated settings."""
 
-  def root(matrix, p):
-    if root_method == "newton":
-      return linalg.inverse_pth_root(matrix, p, ridge_epsilon=matrix_epsilon)
-    return linalg.inverse_pth_root_eigh(matrix, p, ridge_epsilon=matrix_epsilon)
+  block_size: int
+  start: int
+  period: int
+  exponent_override: int
+  skip_dim_gt: int
+  beta2: float
+  matrix_epsilon: float
+  graft_type: str
+  graft_beta1: float
+  graft_beta2: float
+  graft_epsilon: float
+  root_method: str
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args  # gradient-only: curvature= and other extra arguments are ignored
-    count = state.count
-    originals, treedef = jax.tree.flatten(updates)
-    grads = [g.astype(jnp.float32) for g in originals]
-    plans = [plan_of(g) for g in grads]
-    # The block statistics and roots are replicated: on an explicit mesh the preconditioned
-    # tensors are gathered (a block-to-shard layout is not implemented), the graft stays sharded.
-    full = [g if plan.merged is None else layers.sharded_as(g, (None,) * g.ndim)
-            for g, plan in zip(grads, plans)]
-    graft_fn = lambda g, s: _graft_update(graft_type, g, s, count, graft_beta1, graft_beta2,
-                                          graft_epsilon)
-    stats, graft_steps, graft, taken = map(list, zip(*[
-        _statistics_step(beta2, graft_fn, g, f, plan, transform.as_sequence(s),
-                         transform.as_sequence(a))
-        for g, f, plan, s, a in zip(grads, full, plans, treedef.flatten_up_to(state.stats),
-                                    treedef.flatten_up_to(state.graft))]))
-    old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
-    refresh = (count >= start) & ((count - start) % period == 0)
-    roots = _refreshed(root, refresh, stats, old_roots, [plan.p for plan in plans])
-    out = []
-    for grad, whole, plan, leaf_roots, graft_step, ok, original in zip(
-        grads, full, plans, roots, graft_steps, taken, originals):
-      if plan.merged is None:
-        direction = graft_step
-      else:
-        shampoo_step = linalg.rescale_to_norm(
-            layers.sharded_like(_precondition(whole, plan, leaf_roots), grad), graft_step)
-        direction = jnp.where(count >= start, shampoo_step, graft_step)
-      # A skipped tensor does not move: 0·G is 0, or NaN for a non-finite G (apply_if_finite).
-      out.append(jnp.where(ok, direction, 0 * grad).astype(original.dtype))
-    return treedef.unflatten(out), ShampooState(
-        count=count + 1, stats=treedef.unflatten(stats), preconditioner=treedef.unflatten(roots),
-        graft=treedef.unflatten(graft))
+  def plan(self, x) -> "_Plan":
+    return _plan(x.shape, self.block_size, self.skip_dim_gt, self.exponent_override)
 
-  return guards.guarded(optax.GradientTransformationExtraArgs(init_fn, update_fn), "shampoo")
+  def root(self, matrix, p):
+    if self.root_method == "newton":
+      return linalg.inverse_pth_root(matrix, p, ridge_epsilon=self.matrix_epsilon)
+    return linalg.inverse_pth_root_eigh(matrix, p, ridge_epsilon=self.matrix_epsilon)
+
+
+def _init(config: _Config, params) -> ShampooState:
+  return ShampooState(
+      count=jnp.zeros((), jnp.int32),
+      stats=jax.tree.map(lambda p: _identities(config.plan(p), config.matrix_epsilon), params),
+      preconditioner=jax.tree.map(lambda p: _identities(config.plan(p), 1.0), params),
+      graft=jax.tree.map(lambda p: _graft_init(config.graft_type, p), params))
+
+
+def _update(config: _Config, updates, state: ShampooState):
+  """:func:`scale_by_shampoo`'s update: statistics and graft step per tensor, the roots'
+  refresh, the grafted directions."""
+  count = state.count
+  originals, treedef = jax.tree.flatten(updates)
+  grads = [g.astype(jnp.float32) for g in originals]
+  plans = [config.plan(g) for g in grads]
+  # The block statistics and roots are replicated: on an explicit mesh the preconditioned
+  # tensors are gathered (a block-to-shard layout is not implemented), the graft stays sharded.
+  full = [g if plan.merged is None else layers.sharded_as(g, (None,) * g.ndim)
+          for g, plan in zip(grads, plans)]
+  graft_fn = lambda g, s: _graft_update(config.graft_type, g, s, count, config.graft_beta1,
+                                        config.graft_beta2, config.graft_epsilon)
+  stats, graft_steps, graft, taken = map(list, zip(*[
+      _statistics_step(config.beta2, graft_fn, g, f, plan, transform.as_sequence(s),
+                       transform.as_sequence(a))
+      for g, f, plan, s, a in zip(grads, full, plans, treedef.flatten_up_to(state.stats),
+                                  treedef.flatten_up_to(state.graft))]))
+  old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
+  start = config.start
+  refresh = (count >= start) & ((count - start) % config.period == 0)
+  roots = _refreshed(config.root, refresh, stats, old_roots, [plan.p for plan in plans])
+  out = [_grafted_direction(*leaf, count >= start).astype(original.dtype)
+         for *leaf, original in zip(grads, full, plans, roots, graft_steps, taken, originals)]
+  return treedef.unflatten(out), ShampooState(
+      count=count + 1, stats=treedef.unflatten(stats), preconditioner=treedef.unflatten(roots),
+      graft=treedef.unflatten(graft))
 
 
 def _identities(plan: _Plan, scale) -> tuple:
