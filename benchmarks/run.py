@@ -153,7 +153,8 @@ def main(argv=None) -> dict:
       result, final_params, state, step = train.train(
           task, tx, spec.statistics, params, model_state, sampler, total_steps,
           settings["eval_every"], eval_set, test_set, first_eval,
-          desc=f"{config.label} seed {seed}", stall_timeout=args.stall_timeout)
+          desc=f"{config.label} seed {seed}", stall_timeout=args.stall_timeout,
+          capture_kwargs=spec.capture)
       finals[config.label] = (step, final_params, state)
       if spec.diagnostics is not None and not result["diverged"]:
         opt_state = train.optimizer_state(state, model_state)

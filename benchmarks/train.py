@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from statistics import median
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,28 +32,33 @@ def loss_fn(task: models.Task):
   return lambda params, x, y: task.loss(task.apply(params, None, x, train=True), y)
 
 
-def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: Optional[str]):
+def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: Optional[str],
+              capture_kwargs: Optional[Mapping[str, Any]] = None):
   """Jitted ``(params, state, x, y) -> (params, state, loss)`` for the task's loss (see
   :func:`loss_step`). A peer that is not an optax transformation (e.g.
   :mod:`benchmarks.kfac_jax_peer`) supplies its own ``make_step``."""
   if hasattr(tx, "make_step"):
     return tx.make_step(task)
-  return loss_step(loss_fn(task), tx, statistics, has_aux=bool(task.mutable))
+  return loss_step(loss_fn(task), tx, statistics, has_aux=bool(task.mutable),
+                   capture_kwargs=capture_kwargs)
 
 
 def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
-              has_aux: bool = False):
+              has_aux: bool = False, capture_kwargs: Optional[Mapping[str, Any]] = None):
   """Jitted ``(params, state, x, y) -> (params, state, loss)`` for ``loss(params, x, y)``.
 
   First-order optimizers take plain gradients; second-order ones also get the per-layer
-  statistics captured in the same forward/backward pass as ``curvature``. With ``has_aux`` the
-  loss is ``(params, model_state, x, y) -> (loss, model_state)`` and ``state`` is the pair
-  ``(opt_state, model_state)``.
+  statistics captured in the same forward/backward pass as ``curvature`` (``capture_kwargs``:
+  further keywords of ``eva_optax.flax.value_and_grad``, e.g. ``statistics_batch_size``;
+  ``"kronecker_eigenvectors"`` gets its running estimates from the optimizer state). With
+  ``has_aux`` the loss is ``(params, model_state, x, y) -> (loss, model_state)`` and ``state``
+  is the pair ``(opt_state, model_state)``.
   """
   if statistics is None:
     grad_fn = jax.value_and_grad(loss, has_aux=has_aux)
   else:
-    capture = eva_optax.flax.value_and_grad(loss, statistics=statistics, has_aux=has_aux)
+    capture = eva_optax.flax.value_and_grad(loss, statistics=statistics, has_aux=has_aux,
+                                            **(capture_kwargs or {}))
 
   @jax.jit
   def step(params, state, x, y):
@@ -63,7 +68,9 @@ def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
     if statistics is None:
       value, grads = grad_fn(params, *batch)
     else:
-      (value, grads), extra["curvature"] = capture(params, *batch)
+      estimates = ({"eigenvector_estimates": eva_optax.eigenvector_estimates(opt_state)}
+                   if statistics == "kronecker_eigenvectors" else {})
+      (value, grads), extra["curvature"] = capture(params, *batch, **estimates)
       # The same statistics at trial parameters on this batch: K-BFGS's second pass calls it,
       # the other optimizers ignore it (so it is never traced for them).
       extra["curvature_fn"] = eva_optax.flax.curvature_fn(loss, *batch, statistics=statistics,
@@ -174,7 +181,8 @@ def evaluate(task: models.Task, params, model_state, eval_set, test_set) -> dict
 
 def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optional[str],
           params, model_state, sampler: Sampler, total_steps: int, eval_every: int,
-          eval_set, test_set, first_eval: dict, desc: str = "", stall_timeout: float = 0):
+          eval_set, test_set, first_eval: dict, desc: str = "", stall_timeout: float = 0,
+          capture_kwargs: Optional[Mapping[str, Any]] = None):
   """Trains ``params`` with ``tx`` for ``total_steps`` minibatches of ``sampler``.
 
   Args:
@@ -184,6 +192,7 @@ def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optio
     first_eval: :func:`evaluate` of the initial ``params``.
     stall_timeout: seconds without a finished step (or evaluation) after which the process
       exits (:class:`Watchdog`); 0 waits forever.
+    capture_kwargs: further keywords of the capture (:func:`loss_step`).
 
   Returns:
     ``(result, params, state, step)``: ``result`` has the minibatch curve (``step`` = updates
@@ -192,7 +201,7 @@ def train(task: models.Task, tx: optax.GradientTransformation, statistics: Optio
     ``step``, ``epoch``, ``wall``), ``step_times`` (s), ``median_step_s``, ``state_bytes`` (the
     optimizer's), ``diverged`` and ``diverged_step``.
   """
-  step = make_step(task, tx, statistics)
+  step = make_step(task, tx, statistics, capture_kwargs)
   # A peer may donate its input buffers (kfac-jax does): train on a copy, so the caller's
   # initial parameters stay valid for the next optimizer.
   params = jax.tree.map(jnp.copy, params)

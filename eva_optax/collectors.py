@@ -22,7 +22,7 @@ from typing import Callable, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from eva_optax import layers
+from eva_optax import layers, linalg
 
 
 class KroneckerVectors(NamedTuple):
@@ -93,6 +93,27 @@ class OutputVectors(NamedTuple):
   g: jax.Array
 
 
+class KroneckerEigenvectors(NamedTuple):
+  """Statistics of Eva's leading-eigenvector variant (:func:`eva_optax.eva` with
+  ``statistics="kronecker_eigenvectors"``), float32, in per-example units.
+
+  One step of a power iteration on each Kronecker factor of :class:`KroneckerFactors`
+  (expand setting), without forming it: with û, v̂ the unit vectors of the running estimates
+  before this step (the capture's ``eigenvector_estimates``),
+
+  Attributes:
+    a: ``(d_in [+1],)`` A û, A = mean over rows of [a; 1][a; 1]ᵀ (the 1 only with a bias).
+    g: ``(d_out,)`` G v̂, G = mean over examples of Σ_rows (B·∂L/∂y)(B·∂L/∂y)ᵀ.
+
+  Their running averages m_a, m_g converge to λ_a u, λ_g v, the leading eigenpairs of the
+  averaged factors, so (m_a m_aᵀ/‖m_a‖) ⊗ (m_g m_gᵀ/‖m_g‖) → (λ_a u uᵀ) ⊗ (λ_g v vᵀ), the best
+  rank-one approximation (Eckart–Young) of each factor.
+  """
+
+  a: jax.Array
+  g: jax.Array
+
+
 # The `statistics` names of eva_optax.flax.value_and_grad and the records they produce.
 RECORDS: dict[str, type] = {
     "kronecker_vectors": KroneckerVectors,
@@ -100,6 +121,7 @@ RECORDS: dict[str, type] = {
     "activation_factor": ActivationFactor,
     "activation_vector": ActivationVector,
     "output_vectors": OutputVectors,
+    "kronecker_eigenvectors": KroneckerEigenvectors,
 }
 
 
@@ -195,6 +217,24 @@ def kronecker_vectors(stat_decay: float) -> Collector:
   """Eva's ā, ḡ (O(d_in + d_out) state per layer)."""
   return _collector(KroneckerVectors, lambda d_in, d_aug, d_out: ((d_in,), (d_out,)), stat_decay,
                     vectors_with_bias)
+
+
+def kronecker_eigenvectors(stat_decay: float) -> Collector:
+  """The power iteration's A û, G v̂ (O(d_in + d_out) state per layer; ``a`` bias-augmented
+  already). No scale-jump rejection: a rejected record would leave û, and so the next record,
+  unchanged, and the estimate would never move again."""
+  return _collector(KroneckerEigenvectors, lambda d_in, d_aug, d_out: ((d_aug,), (d_out,)),
+                    stat_decay)
+
+
+def rank_one_vectors(stats: KroneckerEigenvectors) -> KroneckerVectors:
+  """Vectors (√λ_a u, √λ_g v) whose outer products are the rank-one factors λ u uᵀ of the
+  running power-iteration estimates m = λu (λ = ‖m‖), so that Eva's Sherman–Morrison direction
+  applies unchanged (its signal ‖ā‖²‖ḡ‖² becomes λ_a λ_g). Overflow-safe."""
+  def root(m):
+    unit, log_norm = linalg.unit_vector(m)
+    return unit * jnp.exp(0.5 * log_norm)
+  return KroneckerVectors(root(stats.a), root(stats.g))
 
 
 def kronecker_factors(stat_decay: float) -> Collector:

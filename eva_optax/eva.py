@@ -24,6 +24,12 @@ from eva_optax import collectors, layers, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DAMPING_MODES = ("absolute", "relative")
+# Eva's statistics: the mean vectors ā, ḡ (the paper's) or the leading eigenvectors of the
+# Kronecker factors (power iteration), by the capture's statistics name.
+STATISTICS = {"kronecker_vectors": collectors.kronecker_vectors,
+              "kronecker_eigenvectors": collectors.kronecker_eigenvectors}
+# The package's global scalings plus Eva's trust region (kl_clip's formula on V itself).
+SCALINGS = transform.SCALINGS + ("trust_region",)
 
 
 class EvaLayerTerms(NamedTuple):
@@ -105,14 +111,28 @@ def check_damping_mode(damping_mode, relative_damping) -> None:
     transform.check_positive("relative_damping", relative_damping, allow_zero=True)
 
 
+def check_statistics(statistics) -> None:
+  """Raises ``ValueError`` unless ``statistics`` is one of :data:`STATISTICS`."""
+  if statistics not in STATISTICS:
+    raise ValueError(f"eva_optax: Eva's statistics must be one of {tuple(STATISTICS)}, got "
+                     f"{statistics!r}.")
+
+
+def layer_vectors(stats, has_bias: bool) -> collectors.KroneckerVectors:
+  """The rank-one vectors Sherman–Morrison uses, bias-augmented: ā, ḡ (with 1 appended to ā
+  for a bias), or √λ u, √λ v from the power-iteration estimates (augmented already)."""
+  if isinstance(stats, collectors.KroneckerEigenvectors):
+    return collectors.rank_one_vectors(stats)
+  return collectors.vectors_with_bias(stats) if has_bias else stats
+
+
 def check_damping(damping, damping_mode, relative_damping, scaling, stat_decay) -> None:
   transform.check_positive("damping", damping)
   # Outside [0, 1] the running average extrapolates: −0.5 grows the statistics 1.5× a step.
   transform.check_unit_interval("stat_decay", stat_decay)
   check_damping_mode(damping_mode, relative_damping)
-  if scaling not in transform.SCALINGS:
-    raise ValueError(f"eva_optax: scaling must be one of {transform.SCALINGS}, "
-                     f"got {scaling!r}.")
+  if scaling not in SCALINGS:
+    raise ValueError(f"eva_optax: scaling must be one of {SCALINGS}, got {scaling!r}.")
   if scaling == "kl_clip" and damping_mode != "absolute":
     # Measured (benchmarks/RESULTS.md): Ṽ = B²V/γ_eff with γ_eff ∝ ‖ā‖²‖ḡ‖² makes the clipped
     # step a fixed-length jump that diverged on every task and learning rate tried.
@@ -132,6 +152,7 @@ def scale_by_eva(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     batch_size: int = 1,
     layouts: Optional[Mapping] = None,
+    statistics: str = "kronecker_vectors",
 ) -> optax.GradientTransformationExtraArgs:
   """Eva's preconditioned direction, to compose with momentum and a learning rate.
 
@@ -153,34 +174,57 @@ def scale_by_eva(
       ``"kl_clip"`` (ICLR): on the reference's direction Ṽ = B²(F̃ + γI)⁻¹Ĝ, the factor
       ν = min(1, √(κ / (η² Σ⟨Ṽ, Ĝ⟩))) with η = ``learning_rate`` at this step; absolute
       damping only.
+      ``"trust_region"``: the preconditioned-SGD step η·V, shrunk to the KL radius √κ when it
+      is longer: ν = min(1, √(κ / (η² Σ⟨V, Ĝ⟩))) (kl_clip's factor on V itself, so any damping
+      mode). Far from a minimum it is ``"kl_normalize"`` with a step of √κ; near one the step
+      shrinks with the gradient as SGD's does, which ``"kl_normalize"``'s fixed step length
+      never does — the choice for a constant learning rate. ``learning_rate`` is then in SGD's
+      units (benchmarks/RESULTS.md, issue 14).
       ``None``: the update is exactly V = γ_eff (F̃ + γ_eff I)⁻¹ Ĝ.
-    kl_clip: κ > 0 of ``"kl_clip"`` (reference 0.001).
-    learning_rate: η for ``"kl_clip"`` (float or optax schedule, evaluated at the step count).
+    kl_clip: κ > 0 of ``"kl_clip"`` (reference 0.001) and ``"trust_region"``.
+    learning_rate: η for ``"kl_clip"`` and ``"trust_region"`` (float or optax schedule,
+      evaluated at the step count; :func:`eva` passes its own).
     batch_size: per-device batch size B, used only by ``"kl_clip"`` to express the direction in
       the reference's mean-loss units (its ḡ is ḡ/B, its γ is γ/B²); 1 keeps per-example units.
     layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
       :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
+    statistics: the rank-one Kronecker vectors, by the capture's statistics name.
+      ``"kronecker_vectors"`` (default, the paper's): the running means ā, ḡ.
+      ``"kronecker_eigenvectors"``: the leading eigenvectors of the Kronecker factors A, G of
+      :class:`~eva_optax.KroneckerFactors`, tracked across steps by a streaming power
+      iteration (one A û and one G v̂ per step, O(rows·d) in the capture and O(d_in + d_out)
+      state, no d × d matrix), so F̃ = (λ_a u uᵀ) ⊗ (λ_g v vᵀ), the Eckart–Young-optimal
+      rank-one factors, with λ = ‖running estimate‖ (the power iteration's eigenvalue, exact
+      once it has converged). The means are the special case where the mean dominates a
+      factor (ReLU inputs); where ḡ vanishes (a conv before BatchNorm, attention keys) the
+      eigenvectors do not, so the correction engages there. The capture call needs
+      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
-    with ``curvature`` of :class:`~eva_optax.KroneckerVectors` records (capture them with
-    ``eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_vectors")``).
+    with ``curvature`` of :class:`~eva_optax.KroneckerVectors` (or
+    :class:`~eva_optax.KroneckerEigenvectors`) records (capture them with
+    ``eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)``).
 
   Raises:
     ValueError: ``damping <= 0``, ``kl_clip <= 0``, a negative ``relative_damping``,
-      ``stat_decay`` outside [0, 1], unknown ``damping_mode`` or ``scaling``, ``"kl_clip"``
-      without ``learning_rate`` or with relative damping, a negative or non-finite
+      ``stat_decay`` outside [0, 1], unknown ``damping_mode`` or ``scaling``, ``"kl_clip"`` or
+      ``"trust_region"`` without ``learning_rate``, ``"kl_clip"`` with relative damping, a
+      negative or non-finite
       ``learning_rate``; at update time (trace time under jit) missing or mismatched
       ``curvature``, a stale state (see :mod:`eva_optax.guards`).
     TypeError: integer parameters or gradients, curvature of the wrong kind or dtype, a state
       restored from a checkpoint without a target.
   """
   check_damping(damping, damping_mode, relative_damping, scaling, stat_decay)
+  check_statistics(statistics)
   natural = scaling == "kl_clip"
+  collector = STATISTICS[statistics](stat_decay)
 
   def apply(stats, state, grad_matrix):
     del state
-    terms = eva_layer(stats, grad_matrix, damping, damping_mode, relative_damping)
+    terms = eva_layer(layer_vectors(stats, False), grad_matrix, damping, damping_mode,
+                      relative_damping)
     if natural:
       return terms.direction * (batch_size ** 2 / terms.damping)
     return terms.direction
@@ -188,9 +232,12 @@ def scale_by_eva(
   preconditioner = transform.Preconditioner(
       init=lambda d_in, d_out, has_bias: (), update=lambda stats, state, count: state,
       apply=apply)
-  return transform.scale_by_kronecker(
-      collectors.kronecker_vectors(stat_decay), preconditioner,
-      transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts, name="eva")
+  if scaling == "trust_region":
+    step_scaling = transform.kl_clip(kl_clip, learning_rate)
+  else:
+    step_scaling = transform.scaling_by_name(scaling, kl_clip, learning_rate)
+  return transform.scale_by_kronecker(collector, preconditioner, step_scaling, layouts,
+                                      name="eva")
 
 
 def eva(
@@ -207,6 +254,7 @@ def eva(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     layouts: Optional[Mapping] = None,
+    statistics: str = "kronecker_vectors",
 ) -> optax.GradientTransformationExtraArgs:
   """The complete Eva optimizer, in the reference's order:
   precondition (:func:`scale_by_eva`) → ``optax.add_decayed_weights(weight_decay)`` →
@@ -217,8 +265,8 @@ def eva(
     momentum: heavy-ball coefficient of ``optax.trace`` (default 0.9).
     nesterov: Nesterov momentum.
     weight_decay: L2 coefficient added to the *preconditioned* direction (reference order).
-    damping, damping_mode, relative_damping, stat_decay, scaling, kl_clip, batch_size, layouts:
-      as in :func:`scale_by_eva`.
+    damping, damping_mode, relative_damping, stat_decay, scaling, kl_clip, batch_size, layouts,
+      statistics: as in :func:`scale_by_eva`.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -230,7 +278,8 @@ def eva(
   return transform.with_momentum(
       scale_by_eva(damping, damping_mode=damping_mode, relative_damping=relative_damping,
                    stat_decay=stat_decay, scaling=scaling, kl_clip=kl_clip,
-                   learning_rate=learning_rate, batch_size=batch_size, layouts=layouts),
+                   learning_rate=learning_rate, batch_size=batch_size, layouts=layouts,
+                   statistics=statistics),
       learning_rate, momentum, nesterov, weight_decay)
 
 
@@ -243,7 +292,7 @@ def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
   Args:
     grads: gradient pytree (as passed to ``update``).
     stats: the running statistics, ``ScaleByKroneckerState.stats`` (e.g.
-      ``optax.tree_utils.tree_get(opt_state, "stats")``).
+      ``optax.tree_utils.tree_get(opt_state, "stats")``), of either ``statistics``.
     damping, damping_mode, relative_damping, layouts: as given to :func:`scale_by_eva`.
 
   Returns:
@@ -259,9 +308,8 @@ def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
     layout = layouts.get(name, layers.Layout())
 
     def one(layer_stats, matrix, has_bias="bias" in layer):
-      if has_bias:
-        layer_stats = collectors.vectors_with_bias(layer_stats)
-      terms = eva_layer(layer_stats, matrix, damping, damping_mode, relative_damping)
+      terms = eva_layer(layer_vectors(layer_stats, has_bias), matrix, damping, damping_mode,
+                        relative_damping)
       return {
           "signal_to_damping": terms.signal / terms.damping,
           "removed_fraction": 1.0 - jnp.vdot(terms.direction, matrix) / jnp.vdot(matrix, matrix),
@@ -270,3 +318,22 @@ def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
     out[name] = layers.over_stack(one, layout.stacked_axes)(stats[name],
                                                              layers.to_matrix(layer, layout))
   return out
+
+
+def eigenvector_estimates(opt_state) -> dict:
+  """The running power-iteration estimates of an Eva optimizer state built with
+  ``statistics="kronecker_eigenvectors"``, for the next capture call's
+  ``eigenvector_estimates=`` (``{layer: KroneckerEigenvectors}``, stack axes leading).
+
+  Raises:
+    ValueError: ``opt_state`` holds no such Eva state (or several).
+  """
+  records = [stats for _, stats in optax.tree_utils.tree_get_all_with_path(opt_state, "stats")
+             if isinstance(stats, Mapping) and stats and all(
+                 isinstance(r, collectors.KroneckerEigenvectors) for r in stats.values())]
+  if len(records) != 1:
+    raise ValueError(
+        "eva_optax: eigenvector_estimates needs the state of one Eva optimizer built with "
+        f"statistics='kronecker_eigenvectors'; found {len(records)} such statistics in "
+        "opt_state.")
+  return dict(records[0])

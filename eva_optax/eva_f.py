@@ -78,11 +78,11 @@ def scale_by_eva_f(
 
   Raises:
     ValueError: ``damping <= 0``, negative ``relative_damping``, ``stat_decay`` outside
-      [0, 1], unknown ``damping_mode`` or ``scaling`` (``"kl_clip"`` is not offered: Eva-f has
-      no reference clip); at update time missing or mismatched ``curvature``, a stale state.
+      [0, 1], unknown ``damping_mode`` or ``scaling`` (``"kl_clip"`` and ``"trust_region"`` are
+      not offered: Eva-f has no reference clip); at update time missing or mismatched ``curvature``, a stale state.
     TypeError: as :func:`~eva_optax.scale_by_eva`.
   """
-  if scaling == "kl_clip":
+  if scaling in ("kl_clip", "trust_region"):
     raise ValueError("eva_optax: Eva-f takes scaling='kl_normalize' or None.")
   check_damping(damping, damping_mode, relative_damping, scaling, stat_decay)
 

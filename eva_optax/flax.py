@@ -49,7 +49,8 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
                    has_aux: bool = False, axis_name: Optional[str] = None,
                    sampled_fisher: Optional[SampledFisher] = None,
                    exclude: Union[None, str, Sequence[str], Callable] = None,
-                   weight_sharing: str = "expand") -> Capture:
+                   weight_sharing: str = "expand",
+                   statistics_batch_size: Optional[int] = None) -> Capture:
   """Like ``jax.value_and_grad(loss_fn, has_aux=has_aux)``, plus per-layer curvature statistics.
 
   Args:
@@ -65,7 +66,10 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       stack's fields get the stack axes in front, e.g. ā ``[L, d_in]``):
       ``"kronecker_vectors"`` (Eva: ā, ḡ = B × mean ∂L/∂y), ``"kronecker_factors"`` (K-FAC: A,
       G), ``"activation_factor"`` (FOOF: A), ``"activation_vector"`` (Eva-f: ā),
-      ``"output_vectors"`` (K-BFGS: ȳ, ḡ). A layer applied R times per loss evaluation
+      ``"output_vectors"`` (K-BFGS: ȳ, ḡ), ``"kronecker_eigenvectors"`` (Eva's leading-
+      eigenvector variant: one power-iteration product A û, G v̂ per Kronecker factor, O(rows·d)
+      like the means; the call then needs ``eigenvector_estimates``, below; expand setting
+      only). A layer applied R times per loss evaluation
       (shared module, RNN cell, scan over time) contributes the means over its applications
       of ā, ḡ and ȳ (the rank-one factors of the mean input and mean per-example output
       gradient; an approximation that ignores how the applications correlate) and its
@@ -95,11 +99,19 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       ``"reduce"``: per example the input is averaged and the output gradient summed over its
       rows before the outer products; suited to one loss term per example (classification
       after pooling), at the cost of ``[B, d]`` per-example vectors in the backward pass.
+    statistics_batch_size: ``None`` (default): statistics over the whole (local) batch. An int
+      k ≥ 1: over its first k examples only (all of them when the batch is smaller), in the
+      same per-example units — the reference Eva/K-FAC implementation's ``kfac_batch_size``
+      (16 in its CIFAR runs), for reproducing its results. Cheaper, and noisier: behind a
+      BatchNorm layer ḡ, which is exactly zero over the whole batch, is then the mean of k
+      examples' output gradients, i.e. sampling noise.
 
   Returns:
     A :class:`Capture`: ``fn(params, *args, **kwargs) -> ((value, grads), curvature)`` (with
     ``sampled_fisher``: ``fn(params, *args, fisher_rng, **kwargs)``, ``fisher_rng`` a keyword-only
-    PRNG key); ``value`` the loss or ``(loss, aux)``, ``grads`` like ``params``, and
+    PRNG key; with ``"kronecker_eigenvectors"``, the keyword-only ``eigenvector_estimates``:
+    ``eva_optax.eigenvector_estimates(opt_state)``, the running estimates the power iteration
+    continues from); ``value`` the loss or ``(loss, aux)``, ``grads`` like ``params``, and
     ``curvature`` a nested dict keyed by module path like ``params``
     (``{"Dense_0": KroneckerVectors(...)}``) — for a tuple of ``statistics``, a dict of such
     trees keyed by statistics name. ``fn.describe(params, *args, **kwargs)`` returns a
@@ -109,7 +121,10 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
 
   Raises:
     ValueError: unknown ``statistics``, distribution or ``weight_sharing``, a ``sampled_fisher``
-      with statistics that use no output gradients or called without ``fisher_rng``; inside
+      with statistics that use no output gradients or called without ``fisher_rng``; a
+      ``statistics_batch_size`` that is not a positive int; ``"kronecker_eigenvectors"`` with
+      ``weight_sharing="reduce"``, or called without ``eigenvector_estimates`` or with ones of
+      another model (and ``eigenvector_estimates`` without that kind); inside
       ``pmap``/``shard_map`` without ``axis_name``, or with one that is not mapped there; a
       captured layer whose kernel is not in ``params``.
     NotImplementedError: an unsupported layer (grouped or masked conv, ``nn.ConvTranspose``,
@@ -118,7 +133,7 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       ``exclude`` as the way to leave it first-order.
   """
   return Capture(loss_fn, statistics, has_aux, axis_name, sampled_fisher, exclude,
-                 weight_sharing)
+                 weight_sharing, statistics_batch_size)
 
 
 def curvature_fn(loss_fn: Callable, *args, statistics: Union[str, Sequence[str]] = "output_vectors",

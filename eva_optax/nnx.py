@@ -19,18 +19,20 @@ __all__ = ["Capture", "curvature_fn", "value_and_grad"]
 def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
                    has_aux: bool = False, axis_name: Optional[str] = None,
                    exclude: Union[None, str, Sequence[str], Callable] = None,
-                   weight_sharing: str = "expand") -> Capture:
+                   weight_sharing: str = "expand",
+                   statistics_batch_size: Optional[int] = None) -> Capture:
   """Like ``nnx.value_and_grad(loss_fn, has_aux=has_aux)``, plus per-layer curvature statistics.
 
   Args:
     loss_fn: ``loss_fn(model, *args, **kwargs)`` with an NNX module first, returning a scalar
       loss that is a **mean over the batch**, or ``(loss, aux)`` with ``has_aux``.
-    statistics, has_aux, axis_name, exclude, weight_sharing: as in
+    statistics, has_aux, axis_name, exclude, weight_sharing, statistics_batch_size: as in
       :func:`eva_optax.flax.value_and_grad` (module paths are the model's attribute paths,
       e.g. ``"blocks/attn/query"``).
 
   Returns:
-    A :class:`Capture`: ``fn(model, *args, **kwargs) -> ((value, grads), curvature)`` with
+    A :class:`Capture`: ``fn(model, *args, **kwargs) -> ((value, grads), curvature)`` (with
+    ``statistics="kronecker_eigenvectors"`` also the keyword ``eigenvector_estimates``) with
     ``grads`` an ``nnx.State`` of the ``nnx.Param`` gradients (as ``nnx.value_and_grad``
     returns it) and ``curvature`` keyed by module path like ``nnx.state(model, nnx.Param)``.
     ``fn.describe(model, *args)`` gives the layouts for the optimizers (``layouts=``) and the
@@ -40,7 +42,8 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
   Raises:
     As :func:`eva_optax.flax.value_and_grad` (no ``sampled_fisher`` for NNX yet).
   """
-  return Capture(loss_fn, statistics, has_aux, axis_name, exclude, weight_sharing)
+  return Capture(loss_fn, statistics, has_aux, axis_name, exclude, weight_sharing,
+                 statistics_batch_size)
 
 
 def curvature_fn(loss_fn: Callable, model, *args,

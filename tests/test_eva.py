@@ -106,6 +106,23 @@ def test_kl_normalize_scales_by_inverse_root_of_inner_product():
     np.testing.assert_allclose(got, v / jnp.sqrt(total), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("lr,kappa", [(1e-3, 1.0), (10.0, 1e-4), (0.3, 1e-3)])
+def test_trust_region_is_the_sgd_step_on_v_shrunk_to_the_kl_radius(lr, kappa):
+  """ν = min(1, √κ / (η √Σ⟨V, Ĝ⟩)) on the unscaled direction V: a small step passes unchanged
+  (the first row), a long one is cut to √κ (the second)."""
+  params, grads, curvature = _setup(Mlp(), (5,))
+  raw, _ = eva_optax.scale_by_eva(0.05, scaling=None).update(
+      grads, eva_optax.scale_by_eva(0.05).init(params), params, curvature=curvature)
+  tx = eva_optax.scale_by_eva(0.05, scaling="trust_region", kl_clip=kappa, learning_rate=lr)
+  clipped, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  total = float(sum(jnp.vdot(v, g) for v, g in zip(jax.tree.leaves(raw),
+                                                   jax.tree.leaves(grads))))
+  nu = min(1.0, np.sqrt(kappa) / (lr * np.sqrt(total)))
+  assert (nu == 1.0) == (lr * np.sqrt(total) <= np.sqrt(kappa))
+  for got, v in zip(jax.tree.leaves(clipped), jax.tree.leaves(raw)):
+    np.testing.assert_allclose(got, nu * v, rtol=1e-5, atol=1e-8)
+
+
 def _reference_iclr_step(x, labels, params, lr, gamma_ref, kappa):
   """One step of the ICLR reference (PyTorch conventions): ḡ_ref from the mean loss's output
   gradient averaged over rows (so it carries 1/B), Ṽ = (Ĝ − …)/γ_ref, KL clip with η²."""
@@ -263,6 +280,7 @@ def test_mismatched_curvature_raises_naming_the_layer(curvature, error, match):
     ({"scaling": "kl"}, "scaling"),
     ({"scaling": "kl_clip", "damping_mode": "absolute", "kl_clip": 0.0}, "kl_clip must be > 0"),
     ({"scaling": "kl_clip"}, "needs damping_mode='absolute'"),
+    ({"scaling": "trust_region", "kl_clip": -1.0}, "kl_clip must be > 0"),
 ])
 def test_bad_hyperparameters_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -272,3 +290,5 @@ def test_bad_hyperparameters_raise(kwargs, match):
 def test_kl_clip_without_learning_rate_raises():
   with pytest.raises(ValueError, match="learning_rate"):
     eva_optax.scale_by_eva(1.0, damping_mode="absolute", scaling="kl_clip")
+  with pytest.raises(ValueError, match="learning_rate"):
+    eva_optax.scale_by_eva(1.0, scaling="trust_region")

@@ -37,7 +37,7 @@ rank-one factors of the expand setting's mean input and mean output gradient.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,37 +50,65 @@ COUNT = "count"
 WEIGHT_SHARING = ("expand", "reduce")
 
 
-def _output_mean(view, ct, batch_size):
+def _output_mean(view, ct, batch_size, examples, probe):
   """ḡ = B × the mean over rows of ∂L/∂y, ``(d_out,)``."""
   rows = view.output_rows(ct)
   return jnp.sum(rows, axis=0) * (batch_size / rows.shape[0])
 
 
-def _output_factor(view, ct, batch_size):
-  """G = (1/B) Σ_rows (B·∂L/∂y)(B·∂L/∂y)ᵀ: positions summed, examples averaged."""
-  return batch_size * layers.gram(view.output_rows(ct))
+def _output_factor(view, ct, batch_size, examples, probe):
+  """G = (1/k) Σ_rows (B·∂L/∂y)(B·∂L/∂y)ᵀ over the rows of k examples (k = B unless a
+  statistics subset is taken): positions summed, examples averaged."""
+  return (batch_size * batch_size / examples) * layers.gram(view.output_rows(ct))
 
 
-def _output_per_example(view, ct, batch_size):
-  """g̃_n = Σ over example n's rows of B·∂L/∂y, ``[B, d_out]``."""
+def _output_per_example(view, ct, batch_size, examples, probe):
+  """g̃_n = Σ over example n's rows of B·∂L/∂y, ``[k, d_out]``."""
   rows = view.output_rows(ct)
-  return batch_size * jnp.sum(rows.reshape(batch_size, -1, rows.shape[-1]), axis=1)
+  return batch_size * jnp.sum(rows.reshape(examples, -1, rows.shape[-1]), axis=1)
 
 
-# Forward reductions: (view, x, y) -> array; backward: (view, ct, batch_size) -> array.
+def _power_product(rows: jax.Array, vector: jax.Array) -> jax.Array:
+  """rowsᵀ (rows v), ``(d,)``: one product with the Gram of ``rows`` in O(rows·d), no d × d
+  matrix (a product and a sum over rows: the rows may be explicitly batch-sharded)."""
+  projection = jnp.matmul(rows, vector, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(rows * projection[:, None], axis=0)
+
+
+def _input_power(view, x, y, probe):
+  """A û with A the bias-augmented input factor of :class:`~eva_optax.KroneckerFactors` (mean
+  over rows of [a; 1][a; 1]ᵀ) and û the probe's unit vector, ``(d_in [+1],)``."""
+  rows = view.input_rows(x)
+  if view.has_bias:
+    rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
+  return _power_product(rows, probe) / rows.shape[0]
+
+
+def _output_power(view, ct, batch_size, examples, probe):
+  """G v̂ with G the output factor of :func:`_output_factor` and v̂ the probe's unit vector."""
+  return (batch_size * batch_size / examples) * _power_product(view.output_rows(ct), probe)
+
+
+# Forward reductions: (view, x, y, probe) -> array; backward: (view, ct, batch_size, examples,
+# probe) -> array, ct holding the rows of ``examples`` of the batch's ``batch_size`` examples.
+# ``probe`` is the reduction's probe value: zeros, or the power iteration's unit vector.
 FORWARD: dict[str, Callable] = {
-    "a_mean": lambda view, x, y: view.mean_input(x),
-    "a_factor": lambda view, x, y: view.input_covariance(x),
-    "a_examples": lambda view, x, y: view.per_example_input(x),
-    "y_mean": lambda view, x, y: jnp.mean(view.output_rows(y), axis=0),
+    "a_mean": lambda view, x, y, probe: view.mean_input(x),
+    "a_factor": lambda view, x, y, probe: view.input_covariance(x),
+    "a_examples": lambda view, x, y, probe: view.per_example_input(x),
+    "y_mean": lambda view, x, y, probe: jnp.mean(view.output_rows(y), axis=0),
+    "a_power": _input_power,
 }
 BACKWARD: dict[str, Callable] = {
     "g_mean": _output_mean,
     "g_factor": _output_factor,
     "g_examples": _output_per_example,
+    "g_power": _output_power,
 }
 # Reductions that are sums over applications (the others are means: divided by the count).
-_SUMMED = ("g_factor", "g_examples")
+_SUMMED = ("g_factor", "g_examples", "g_power")
+# Reductions whose probe carries the power iteration's current unit vector.
+POWER = ("a_power", "g_power")
 
 
 # The record fields of each statistics kind, by the reduction that gives them ("a_factor" and
@@ -88,7 +116,8 @@ _SUMMED = ("g_factor", "g_examples")
 _FIELDS = {"kronecker_vectors": ("a_mean", "g_mean"),
            "kronecker_factors": ("a_factor", "g_factor"),
            "activation_factor": ("a_factor",), "activation_vector": ("a_mean",),
-           "output_vectors": ("y_mean", "g_mean")}
+           "output_vectors": ("y_mean", "g_mean"),
+           "kronecker_eigenvectors": ("a_power", "g_power")}
 _PER_EXAMPLE = {"a_factor": "a_examples", "g_factor": "g_examples"}
 
 
@@ -124,24 +153,69 @@ class LayerCall(NamedTuple):
   stack: tuple = ()
 
 
-def describe_call(name, view, layout, x, y, names: Sequence[str]) -> LayerCall:
-  """The :class:`LayerCall` of one application (inside a trace; only shapes are kept)."""
+def subset_size(view: layers.LayerView, x, subset: Optional[int]) -> int:
+  """The number of examples the statistics see: the first ``subset`` of the batch (all of it
+  when ``subset`` is None or larger)."""
   batch_size = view.batch_size(x)
+  return batch_size if subset is None else min(subset, batch_size)
+
+
+def _reduce(name: str, view, x, y, ct, batch_size: int, examples: int, probe):
+  """Reduction ``name`` of one application on the rows of its first ``examples`` examples
+  (``x``, ``y`` for a forward reduction, ``ct`` for a backward one)."""
+  def first(array):
+    return array if array is None or examples == batch_size else array[:examples]
+  if name in FORWARD:
+    return FORWARD[name](view, first(x), first(y), probe)
+  return BACKWARD[name](view, first(ct), batch_size, examples, probe)
+
+
+def describe_call(name, view, layout, x, y, names: Sequence[str],
+                  subset: Optional[int] = None) -> LayerCall:
+  """The :class:`LayerCall` of one application (inside a trace; only shapes are kept)."""
+  batch_size, examples = view.batch_size(x), subset_size(view, x, subset)
+  d_in = jax.eval_shape(view.mean_input, x).shape[0] + view.has_bias
+  d_out = jax.eval_shape(lambda out: view.output_rows(out), y).shape[-1]
   shapes = {}
   for r in names:
-    if r in FORWARD:
-      shapes[r] = jax.eval_shape(functools.partial(FORWARD[r], view), x, y).shape
-    else:
-      ct = jax.ShapeDtypeStruct(y.shape, jnp.float32)
-      shapes[r] = jax.eval_shape(
-          functools.partial(BACKWARD[r], view, batch_size=batch_size), ct).shape
+    probe = jax.ShapeDtypeStruct((d_in if r == "a_power" else d_out,), jnp.float32)
+    ct = jax.ShapeDtypeStruct(y.shape, jnp.float32)
+    shapes[r] = jax.eval_shape(
+        lambda x, y, ct, probe, r=r: _reduce(r, view, x, y, ct, batch_size, examples, probe),
+        x, y, ct, probe).shape
   return LayerCall(name, view, layout, batch_size, shapes)
 
 
-def zero_probes(call: LayerCall, names: Sequence[str]) -> dict:
-  """The probe dict of one layer: zeros for ``names`` (and the count when a forward reduction
-  is among them), with the stack axes leading."""
-  probes = {r: jnp.zeros(call.stack + call.shapes[r], jnp.float32) for r in names}
+def _start_vector(shape) -> jax.Array:
+  """The power iteration's fixed start where no estimate exists yet (a fixed pseudo-random
+  vector: a structured one such as all ones can be orthogonal to the leading eigenvector)."""
+  return jax.random.normal(jax.random.key(0), shape, jnp.float32)
+
+
+def power_vector(estimate: Optional[jax.Array], shape) -> jax.Array:
+  """The unit vector û = m/‖m‖ the power iteration multiplies by this step, from the running
+  estimate m (last axis; stack axes leading); the fixed start where m = 0 or is absent."""
+  start = _start_vector(shape)
+  if estimate is None:
+    estimate = jnp.zeros(shape, jnp.float32)
+  estimate = jnp.asarray(estimate, jnp.float32)
+  norm = jnp.linalg.norm(estimate, axis=-1, keepdims=True)
+  vector = jnp.where(norm > 0, estimate, start)
+  return vector / jnp.linalg.norm(vector, axis=-1, keepdims=True)
+
+
+def make_probes(call: LayerCall, names: Sequence[str], estimates: Optional[Mapping] = None
+                ) -> dict:
+  """The probe dict of one layer, stack axes leading: zeros for ``names`` (and the count when
+  a forward reduction is among them), except the power iteration's reductions, whose probe
+  holds the unit vector to multiply by (from ``estimates``: ``{reduction: running estimate}``
+  of this layer, or the fixed start)."""
+  estimates = estimates or {}
+  probes = {}
+  for r in names:
+    shape = call.stack + call.shapes[r]
+    probes[r] = (power_vector(estimates.get(r), shape) if r in POWER
+                 else jnp.zeros(shape, jnp.float32))
   if any(r in FORWARD for r in names):
     probes[COUNT] = jnp.zeros(call.stack, jnp.float32)
   return probes
@@ -150,7 +224,7 @@ def zero_probes(call: LayerCall, names: Sequence[str]) -> dict:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tap(spec, y, forward, probes):
   """Identity on ``y``. ``spec = (backward, names)``: its VJP gives ``probes`` (a dict with
-  keys ``names``) the gradient ``{count: 1, **forward, **backward(∂L/∂y)}``."""
+  keys ``names``) the gradient ``{count: 1, **forward, **backward(∂L/∂y, probes)}``."""
   del spec, forward, probes
   return y
 
@@ -164,7 +238,7 @@ def _tap_bwd(spec, residual, ct):
   backward, names = spec
   forward, probes = residual
   out = dict(forward)
-  out.update(backward(ct))
+  out.update(backward(ct, probes))
   if COUNT in probes:
     # 0·probe + 1 rather than a constant: under shard_map the cotangent must be device-varying
     # like the probe itself.
@@ -178,16 +252,21 @@ def _tap_bwd(spec, residual, ct):
 _tap.defvjp(_tap_fwd, _tap_bwd)
 
 
-def tap_layer(view: layers.LayerView, x: jax.Array, y: jax.Array, probes: Mapping) -> jax.Array:
+def tap_layer(view: layers.LayerView, x: jax.Array, y: jax.Array, probes: Mapping,
+              subset: Optional[int] = None) -> jax.Array:
   """``y`` routed through the tap: the reductions named in ``probes`` flow out as their
-  gradient. The forward reductions run here, in the forward pass (so no ``[B, d]`` input is
-  kept for the backward pass); the backward ones where the cotangent is formed."""
-  batch_size = view.batch_size(x)
-  forward = {r: jax.lax.stop_gradient(FORWARD[r](view, x, y)) for r in probes if r in FORWARD}
+  gradient, taken on the first ``subset`` examples of the batch (all when None). The forward
+  reductions run here, in the forward pass (so no ``[B, d]`` input is kept for the backward
+  pass); the backward ones where the cotangent is formed."""
+  batch_size, examples = view.batch_size(x), subset_size(view, x, subset)
+  forward = {r: jax.lax.stop_gradient(_reduce(r, view, x, y, None, batch_size, examples,
+                                              probes[r]))
+             for r in probes if r in FORWARD}
   backward_names = tuple(r for r in probes if r in BACKWARD)
 
-  def backward(ct):
-    return {r: BACKWARD[r](view, ct, batch_size) for r in backward_names}
+  def backward(ct, probes):
+    return {r: _reduce(r, view, None, None, ct, batch_size, examples, probes[r])
+            for r in backward_names}
 
   return _tap((backward, tuple(sorted(probes))), y, forward, dict(probes))
 
@@ -235,7 +314,56 @@ def check_kinds(statistics, weight_sharing: str) -> tuple[str, ...]:
   if unknown or not names:
     raise ValueError(f"eva_optax: unknown statistics {unknown or names}; choose from "
                      f"{STATISTICS}.")
+  if weight_sharing == "reduce" and "kronecker_eigenvectors" in names:
+    raise ValueError("eva_optax: statistics='kronecker_eigenvectors' tracks the expand "
+                     "setting's Kronecker factors; use weight_sharing='expand'.")
   return names
+
+
+def check_subset(statistics_batch_size) -> None:
+  """Raises ``ValueError`` unless ``statistics_batch_size`` is None or a positive int."""
+  if statistics_batch_size is not None and (
+      isinstance(statistics_batch_size, bool) or not isinstance(statistics_batch_size, int)
+      or statistics_batch_size < 1):
+    raise ValueError("eva_optax: statistics_batch_size must be None (the whole batch) or a "
+                     f"positive int, got {statistics_batch_size!r}.")
+
+
+def probe_estimates(kinds: Sequence[str], calls: Mapping[str, LayerCall],
+                    eigenvector_estimates) -> dict:
+  """``{layer: {reduction: running estimate}}`` for the power iteration of
+  ``"kronecker_eigenvectors"`` (empty when that kind is not captured).
+
+  Raises:
+    ValueError: the kind is captured but ``eigenvector_estimates`` is missing, lacks a captured
+      layer or has a mismatched shape; or it is given without that kind.
+  """
+  if "kronecker_eigenvectors" not in kinds:
+    if eigenvector_estimates is not None:
+      raise ValueError("eva_optax: eigenvector_estimates is only used with "
+                       "statistics='kronecker_eigenvectors'; drop it.")
+    return {}
+  if eigenvector_estimates is None:
+    raise ValueError(
+        "eva_optax: statistics='kronecker_eigenvectors' continues a power iteration across "
+        "steps and needs this step's estimates: pass "
+        "eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state).")
+  flat = collectors.flatten_curvature(eigenvector_estimates)
+  out = {}
+  for name, call in calls.items():
+    record = flat.get(name)
+    if not isinstance(record, collectors.KroneckerEigenvectors):
+      raise ValueError(f"eva_optax: eigenvector_estimates has no KroneckerEigenvectors for "
+                       f"layer '{name}'; pass eva_optax.eigenvector_estimates(opt_state) of "
+                       "an optimizer initialised for this model.")
+    out[name] = {"a_power": record.a, "g_power": record.g}
+    for r, value in out[name].items():
+      if tuple(jnp.shape(value)) != call.stack + call.shapes[r]:
+        raise ValueError(
+            f"eva_optax: eigenvector_estimates['{name}'] has shape {tuple(jnp.shape(value))} "
+            f"for {r}, the layer needs {call.stack + call.shapes[r]}: the optimizer state "
+            "belongs to another model; re-init it.")
+  return out
 
 
 def curvature(kinds: Sequence[str], calls: Mapping[str, LayerCall], sums: Mapping[str, Mapping],

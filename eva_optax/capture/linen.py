@@ -88,9 +88,9 @@ class _Interceptor:
   (an NNX model holding it through ``nnx.bridge.ToNNX``)."""
 
   def __init__(self, excluded, names: Sequence[str], calls: Optional[dict] = None,
-               skipped: Optional[dict] = None, prefix: tuple = ()):
+               skipped: Optional[dict] = None, prefix: tuple = (), subset: Optional[int] = None):
     self.excluded, self.names, self.calls, self.skipped = excluded, names, calls, skipped
-    self.prefix = prefix
+    self.prefix, self.subset = prefix, subset
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -111,12 +111,12 @@ class _Interceptor:
     if self.calls is not None:
       kernel = module.get_variable("params", "kernel")
       call = core.describe_call(name, view, layers.Layout(0, view.output_axes), x, y,
-                                self.names)
+                                self.names, self.subset)
       self.calls.setdefault(name, (call, jnp.shape(kernel)))
       return y
     if not module.has_variable("params", core.PROBES):
       return y
-    return core.tap_layer(view, x, y, module.get_variable("params", core.PROBES))
+    return core.tap_layer(view, x, y, module.get_variable("params", core.PROBES), self.subset)
 class SampledFisher(NamedTuple):
   """Output-gradient statistics from labels sampled from the model's predictive distribution
   (the true Fisher) instead of the data's labels (the empirical Fisher, the default).
@@ -212,8 +212,10 @@ class Capture:
   """``jax.value_and_grad`` plus per-layer curvature statistics; see :func:`value_and_grad`."""
 
   def __init__(self, loss_fn, statistics, has_aux, axis_name, sampled_fisher, exclude,
-               weight_sharing):
+               weight_sharing, statistics_batch_size=None):
     kinds = _check_statistics(statistics, sampled_fisher, weight_sharing)
+    core.check_subset(statistics_batch_size)
+    self.subset = statistics_batch_size
     self.single = isinstance(statistics, str)
     self.loss_fn, self.kinds, self.has_aux = loss_fn, kinds, has_aux
     self.axis_name, self.sampled_fisher = axis_name, sampled_fisher
@@ -234,16 +236,16 @@ class Capture:
       ValueError: a captured layer whose kernel is not in ``params``.
     """
     calls, skipped = {}, {}
-    interceptor = _Interceptor(self.excluded, self.names, calls, skipped)
+    interceptor = _Interceptor(self.excluded, self.names, calls, skipped, subset=self.subset)
     jax.eval_shape(lambda p: self._run(self.loss_fn, interceptor, p, args, kwargs), params)
     calls = {name: _stacked(name, call, inner, params) for name, (call, inner) in calls.items()}
     return CaptureInfo({n: c.layout for n, c in calls.items()}, skipped, calls)
 
-  def _sampled_sums(self, params, calls, rng, args, kwargs) -> dict:
+  def _sampled_sums(self, params, calls, estimates, rng, args, kwargs) -> dict:
     """The backward reductions under labels drawn from the model (true Fisher)."""
     names = tuple(r for r in self.names if r in core.BACKWARD)
-    probes = {n: core.zero_probes(c, names) for n, c in calls.items()}
-    interceptor = _Interceptor(self.excluded, names)
+    probes = {n: core.make_probes(c, names, estimates.get(n)) for n, c in calls.items()}
+    interceptor = _Interceptor(self.excluded, names, subset=self.subset)
 
     def sampled(p):
       output = self._run(self.sampled_fisher.predict_fn, interceptor, p, args, kwargs)
@@ -252,24 +254,27 @@ class Capture:
     grads = jax.grad(sampled)(_with_probes(params, probes))
     return _split(grads, params, calls)[1]
 
-  def __call__(self, params, *args, fisher_rng=None, **kwargs):
+  def __call__(self, params, *args, fisher_rng=None, eigenvector_estimates=None, **kwargs):
     if self.sampled_fisher is not None and fisher_rng is None:
       raise ValueError("eva_optax: value_and_grad(..., sampled_fisher=...) needs the keyword "
                        "fisher_rng=<PRNG key> to draw the labels.")
     axes = core.check_axis_name(self.axis_name, core.manual_axes((params, args, kwargs)))
     calls = self.describe(params, *args, **kwargs).calls
-    probes = {name: core.zero_probes(call, self.names) for name, call in calls.items()}
+    estimates = core.probe_estimates(self.kinds, calls, eigenvector_estimates)
+    probes = {name: core.make_probes(call, self.names, estimates.get(name))
+              for name, call in calls.items()}
     if axes:
       # Device-varying probes keep their gradients local: shard_map's autodiff would otherwise
       # sum the gradient of a replicated input over the devices.
       probes = jax.lax.pcast(probes, axes, to="varying")
-    interceptor = _Interceptor(self.excluded, self.names)
+    interceptor = _Interceptor(self.excluded, self.names, subset=self.subset)
     value, grads = jax.value_and_grad(
         lambda p: self._run(self.loss_fn, interceptor, p, args, kwargs),
         has_aux=self.has_aux)(_with_probes(params, probes))
     grads, sums = _split(grads, params, calls)
     if self.sampled_fisher is not None:
-      for name, backward in self._sampled_sums(params, calls, fisher_rng, args, kwargs).items():
+      for name, backward in self._sampled_sums(params, calls, estimates, fisher_rng, args,
+                                               kwargs).items():
         sums[name].update(backward)
     trees = core.curvature(self.kinds, calls, sums, self.weight_sharing, axes)
     return (value, grads), (trees[self.kinds[0]] if self.single else trees)

@@ -67,14 +67,15 @@ class _Hook:
   ``calls`` given) or route its output through the tap with its probes."""
 
   def __init__(self, excluded, names: Sequence[str], calls: Optional[dict] = None,
-               skipped: Optional[dict] = None):
+               skipped: Optional[dict] = None, subset: Optional[int] = None):
     self.excluded, self.names, self.calls, self.skipped = excluded, names, calls, skipped
+    self.subset = subset
 
   def __call__(self, module, name, original, args, kwargs):
     if isinstance(module, bridge.ToNNX):
       prefix = tuple(name.split("/")) if name else ()
       with nn.intercept_methods(linen._Interceptor(self.excluded, self.names, self.calls,
-                                                   self.skipped, prefix)):
+                                                   self.skipped, prefix, self.subset)):
         return original(module, *args, **kwargs)
     if isinstance(module, nnx.Embed):
       if self.skipped is not None:
@@ -84,11 +85,12 @@ class _Hook:
     x = args[0] if args else kwargs["inputs"]
     y = original(module, *args, **kwargs)
     if self.calls is not None:
-      call = core.describe_call(name, view, layers.Layout(0, view.output_axes), x, y, self.names)
+      call = core.describe_call(name, view, layers.Layout(0, view.output_axes), x, y, self.names,
+                                self.subset)
       self.calls.setdefault(name, (call, tuple(module.kernel.shape)))
       return y
     probes = {r: getattr(module, PREFIX + r)[...] for r in self.probe_names(module)}
-    return core.tap_layer(view, x, y, probes) if probes else y
+    return core.tap_layer(view, x, y, probes, self.subset) if probes else y
 
   @staticmethod
   def probe_names(module) -> list[str]:
@@ -179,8 +181,11 @@ class Capture:
   """``nnx.value_and_grad`` plus per-layer curvature statistics; see
   :func:`eva_optax.nnx.value_and_grad`."""
 
-  def __init__(self, loss_fn, statistics, has_aux, axis_name, exclude, weight_sharing):
+  def __init__(self, loss_fn, statistics, has_aux, axis_name, exclude, weight_sharing,
+               statistics_batch_size=None):
     self.kinds = core.check_kinds(statistics, weight_sharing)
+    core.check_subset(statistics_batch_size)
+    self.subset = statistics_batch_size
     self.single = isinstance(statistics, str)
     self.loss_fn, self.has_aux, self.axis_name = loss_fn, has_aux, axis_name
     self.weight_sharing = weight_sharing
@@ -192,7 +197,8 @@ class Capture:
     (``nnx.eval_shape``); see :meth:`eva_optax.flax.Capture.describe`."""
     skipped, calls = {}, {}
     modules = _modules(model, self.excluded, skipped)
-    with _marked(modules), _hooked(_Hook(self.excluded, self.names, calls, skipped)):
+    with _marked(modules), _hooked(_Hook(self.excluded, self.names, calls, skipped,
+                                         self.subset)):
       nnx.eval_shape(lambda m: self.loss_fn(m, *args, **kwargs), model)
     kernels = {layers.layer_name(tuple(str(p) for p in path[:-1])): tuple(jax.numpy.shape(v))
                for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -202,15 +208,18 @@ class Capture:
              for name, (call, inner) in calls.items()}
     return CaptureInfo({n: c.layout for n, c in calls.items()}, skipped, calls)
 
-  def __call__(self, model, *args, **kwargs):
+  def __call__(self, model, *args, eigenvector_estimates=None, **kwargs):
     params = nnx.state(model, nnx.Param)
     axes = core.check_axis_name(self.axis_name, core.manual_axes((params, args, kwargs)))
     calls = self.describe(model, *args, **kwargs).calls
-    probes = {name: core.zero_probes(call, self.names) for name, call in calls.items()}
+    estimates = core.probe_estimates(self.kinds, calls, eigenvector_estimates)
+    probes = {name: core.make_probes(call, self.names, estimates.get(name))
+              for name, call in calls.items()}
     if axes:
       probes = jax.lax.pcast(probes, axes, to="varying")
     modules = _modules(model, self.excluded, {})
-    with _marked(modules, probes), _hooked(_Hook(self.excluded, self.names)):
+    with _marked(modules, probes), _hooked(_Hook(self.excluded, self.names,
+                                                 subset=self.subset)):
       value, grads = nnx.value_and_grad(
           lambda m: self.loss_fn(m, *args, **kwargs), has_aux=self.has_aux)(model)
     sums = {name: {} for name in calls}

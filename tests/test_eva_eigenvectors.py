@@ -1,0 +1,339 @@
+"""Eva's leading-eigenvector statistics and the reference's statistics subset (issue 14).
+
+Dense references: the Kronecker factors A, G of ``statistics="kronecker_factors"`` (themselves
+tested against explicit im2col and jax.grad in test_capture/test_kfac), their eigendecomposition
+(``np.linalg.eigh`` in float64) and the explicit Sherman–Morrison solve of
+γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = (λ_a u uᵀ) ⊗ (λ_g v vᵀ) (``np.linalg.solve``).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import eva_optax
+from eva_optax import collectors
+
+
+class BatchNormMLP(nn.Module):
+  """Dense → BatchNorm (ḡ of the first Dense is exactly 0 over the batch) → ReLU → Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=False)(nn.Dense(6, use_bias=False)(x))
+    return nn.Dense(3)(nn.relu(x))
+
+
+class BatchNormConv(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3))(x)))
+    return nn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+
+class ScannedMLP(nn.Module):
+  """Two Dense layers stacked with nn.scan (stack axis 0 on the kernels and the statistics)."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Block(nn.Module):
+      @nn.compact
+      def __call__(self, h, _):
+        return nn.tanh(nn.Dense(5)(h)), None
+    x = nn.Dense(5)(x)
+    x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)()(x, None)
+    return nn.Dense(3)(x)
+
+
+class Attention(nn.Module):
+  """Stock self-attention with a causal mask: the key projection's ḡ vanishes (softmax)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(
+        x, mask=nn.make_causal_mask(x[..., 0]))
+    return nn.Dense(3)(h)
+
+
+MODELS = {
+    "batchnorm_mlp": (BatchNormMLP, (16, 5)),
+    "batchnorm_conv": (BatchNormConv, (8, 6, 6, 2)),
+    "scanned_mlp": (ScannedMLP, (16, 4)),
+    "attention": (Attention, (4, 6, 5)),
+}
+
+
+def _problem(name, batch=None):
+  model_cls, shape = MODELS[name]
+  if batch is not None:
+    shape = (batch,) + shape[1:]
+  x = jax.random.normal(jax.random.key(0), shape)
+  model = model_cls()
+  variables = model.init(jax.random.key(1), x)
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss_fn(p, x):
+    out = (model.apply({"params": p, **rest}, x, mutable=list(rest))[0] if rest
+           else model.apply({"params": p}, x))
+    return jnp.mean(jnp.sum(jnp.sin(out) * out, axis=tuple(range(1, out.ndim))))
+
+  return loss_fn, variables["params"], x
+
+
+def _capture(loss_fn, params, x, statistics, **kwargs):
+  return eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)(params, x, **kwargs)
+
+
+def _flat(tree):
+  return collectors.flatten_curvature(tree)
+
+
+def _random_estimates(factors, seed=3):
+  """Nonzero estimates shaped like the power-iteration records (stack axes leading)."""
+  out = {}
+  for i, (name, f) in enumerate(_flat(factors).items()):
+    ka, kg = jax.random.split(jax.random.key(seed + i))
+    out[name] = collectors.KroneckerEigenvectors(
+        jax.random.normal(ka, f.a.shape[:-1]), jax.random.normal(kg, f.g.shape[:-1]))
+  return out
+
+
+def _unit(v):
+  return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_power_step_is_the_factor_times_the_unit_estimate(name):
+  loss_fn, params, x = _problem(name)
+  _, factors = _capture(loss_fn, params, x, "kronecker_factors")
+  estimates = _random_estimates(factors)
+  _, records = _capture(loss_fn, params, x, "kronecker_eigenvectors",
+                        eigenvector_estimates=estimates)
+  for layer, f in _flat(factors).items():
+    r, e = _flat(records)[layer], estimates[layer]
+    for field in ("a", "g"):
+      factor = np.asarray(getattr(f, field), np.float64)
+      expected = np.einsum("...ij,...j->...i", factor, _unit(np.asarray(getattr(e, field))))
+      scale = np.max(np.abs(expected))
+      # float32 sums over ≤ 200 rows: 1e-5 of the largest entry.
+      np.testing.assert_allclose(getattr(r, field), expected, rtol=1e-5, atol=1e-5 * scale,
+                                 err_msg=f"{layer}.{field}")
+
+
+def test_zero_estimates_start_from_a_fixed_vector():
+  loss_fn, params, x = _problem("batchnorm_mlp")
+  zeros = jax.tree.map(jnp.zeros_like, _random_estimates(_capture(
+      loss_fn, params, x, "kronecker_factors")[1]))
+  first = _capture(loss_fn, params, x, "kronecker_eigenvectors", eigenvector_estimates=zeros)[1]
+  again = _capture(loss_fn, params, x, "kronecker_eigenvectors", eigenvector_estimates=zeros)[1]
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+    assert np.linalg.norm(a) > 0
+
+
+def _run_power_iteration(loss_fn, params, x, steps, **eva_kwargs):
+  """``steps`` updates of scale_by_eva (eigenvectors) at fixed params and batch."""
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_eigenvectors")
+  layouts = capture.describe(params, x).layouts
+  tx = eva_optax.scale_by_eva(statistics="kronecker_eigenvectors", scaling=None,
+                              layouts=layouts, **eva_kwargs)
+  state = tx.init(params)
+  capture = jax.jit(capture)
+  for _ in range(steps):
+    (_, grads), curvature = capture(params, x,
+                                    eigenvector_estimates=eva_optax.eigenvector_estimates(state))
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+  return grads, updates, state, layouts
+
+
+@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
+def test_power_iteration_converges_to_the_leading_eigenpairs(name):
+  loss_fn, params, x = _problem(name)
+  _, factors = _capture(loss_fn, params, x, "kronecker_factors")
+  _, means = _capture(loss_fn, params, x, "kronecker_vectors")
+  grads, _, state, layouts = _run_power_iteration(loss_fn, params, x, 60)
+  estimates = eva_optax.eigenvector_estimates(state)
+  vanished = 0
+  for layer, f in _flat(factors).items():
+    for field in ("a", "g"):
+      w, q = np.linalg.eigh(np.asarray(getattr(f, field), np.float64))
+      m = np.asarray(getattr(estimates[layer], field), np.float64)
+      # Power iteration converges like (λ₂/λ₁)^steps; these factors' gaps make 60 steps ample.
+      np.testing.assert_allclose(np.linalg.norm(m), w[-1], rtol=1e-4, err_msg=f"{layer}.{field}")
+      assert abs(q[:, -1] @ _unit(m)) > 1 - 1e-5, f"{layer}.{field}"
+    vanished += float(np.linalg.norm(_flat(means)[layer].g)) < 1e-6
+  # The point of the variant: layers whose mean output gradient vanishes get a correction.
+  assert vanished >= 1
+  diagnostics = eva_optax.eva_diagnostics(grads, estimates, layouts=layouts)
+  for layer, d in diagnostics.items():
+    assert np.all(np.asarray(d["signal_to_damping"]) > 1.0), layer
+
+
+@pytest.mark.parametrize("damping_mode,damping", [("relative", 1e-3), ("absolute", 1e-6),
+                                                  ("absolute", 1e3)])
+def test_update_equals_dense_sherman_morrison_on_the_eigen_factors(damping_mode, damping):
+  """γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = (m_a m_aᵀ/‖m_a‖) ⊗ (m_g m_gᵀ/‖m_g‖) built densely; the
+  absolute γ = 1e-6 is the ill-conditioned regime (‖F̃‖/γ ≈ 1e5 … 1e7)."""
+  loss_fn, params, x = _problem("batchnorm_mlp")
+  grads, updates, state, _ = _run_power_iteration(
+      loss_fn, params, x, 5, damping=damping, damping_mode=damping_mode)
+  for layer, m in eva_optax.eigenvector_estimates(state).items():
+    ma, mg = np.asarray(m.a, np.float64), np.asarray(m.g, np.float64)
+    fisher = np.kron(np.outer(ma, ma) / np.linalg.norm(ma), np.outer(mg, mg) / np.linalg.norm(mg))
+    gamma = damping
+    if damping_mode == "relative":
+      gamma = max(damping, 0.5 * np.linalg.norm(ma) * np.linalg.norm(mg))
+    layer_grads = grads[layer]
+    matrix = np.asarray(layer_grads["kernel"], np.float64)
+    if "bias" in layer_grads:
+      matrix = np.concatenate([matrix, np.asarray(layer_grads["bias"])[None]], axis=0)
+    expected = gamma * np.linalg.solve(fisher + gamma * np.eye(fisher.shape[0]), matrix.ravel())
+    got = np.asarray(updates[layer]["kernel"], np.float64)
+    if "bias" in layer_grads:
+      got = np.concatenate([got, np.asarray(updates[layer]["bias"])[None]], axis=0)
+    # The float32 direction removes r⟨Ĝ,u⟩u from Ĝ with |r| ≤ 1: error ~1e-6 of ‖Ĝ‖.
+    np.testing.assert_allclose(got.ravel(), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(matrix).max(), err_msg=layer)
+
+
+def test_rank_one_vectors_are_exact_and_overflow_safe():
+  rng = np.random.default_rng(0)
+  for scale in (1e-30, 1.0, 1e30):
+    m = rng.normal(size=7).astype(np.float32) * scale
+    g = rng.normal(size=3).astype(np.float32)
+    vectors = collectors.rank_one_vectors(collectors.KroneckerEigenvectors(m, g))
+    a = np.asarray(vectors.a, np.float64)
+    m64 = np.asarray(m, np.float64)
+    np.testing.assert_allclose(np.outer(a, a), np.outer(m64, m64) / np.linalg.norm(m64),
+                               rtol=1e-5, atol=0)
+  zero = collectors.rank_one_vectors(collectors.KroneckerEigenvectors(np.zeros(3), np.ones(2)))
+  np.testing.assert_array_equal(zero.a, 0.0)
+
+
+def test_nnx_capture_matches_the_dense_factors():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+      self.bn = nnx.BatchNorm(4, rngs=rngs)
+      self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
+
+  model = Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (8, 6, 6, 2))
+
+  def loss_fn(m, x):
+    out = m(x)
+    return jnp.mean(jnp.sum(jnp.sin(out) * out, axis=-1))
+
+  _, factors = eva_optax.nnx.value_and_grad(loss_fn, statistics="kronecker_factors")(model, x)
+  estimates = _random_estimates(factors)
+  _, records = eva_optax.nnx.value_and_grad(loss_fn, statistics="kronecker_eigenvectors")(
+      model, x, eigenvector_estimates=estimates)
+  for layer, f in _flat(factors).items():
+    for field in ("a", "g"):
+      expected = np.asarray(getattr(f, field)) @ _unit(np.asarray(getattr(estimates[layer],
+                                                                          field)))
+      np.testing.assert_allclose(getattr(_flat(records)[layer], field), expected, rtol=1e-5,
+                                 atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("statistics", ["kronecker_vectors", "kronecker_factors",
+                                        "kronecker_eigenvectors"])
+def test_statistics_subset_equals_the_statistics_of_the_first_examples(statistics):
+  """Per-example units: the first k of a batch of B give what a batch of those k gives."""
+  loss_fn, params, x = _problem("scanned_mlp", batch=16)
+  kwargs = {}
+  if statistics == "kronecker_eigenvectors":
+    kwargs["eigenvector_estimates"] = _random_estimates(
+        _capture(loss_fn, params, x, "kronecker_factors")[1])
+  subset = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics,
+                                         statistics_batch_size=5)
+  (loss, grads), records = subset(params, x, **kwargs)
+  (loss_all, grads_all), _ = _capture(loss_fn, params, x, statistics, **kwargs)
+  _, expected = _capture(loss_fn, params, x[:5], statistics, **kwargs)
+  np.testing.assert_allclose(loss, loss_all, rtol=1e-6)  # the loss and gradient: whole batch
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_all)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(records), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_pmap_statistics_equal_one_device_on_the_global_batch():
+  loss_fn, params, x = _problem("scanned_mlp", batch=16)
+  estimates = _random_estimates(_capture(loss_fn, params, x, "kronecker_factors")[1])
+  _, single = _capture(loss_fn, params, x, "kronecker_eigenvectors",
+                       eigenvector_estimates=estimates)
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_eigenvectors",
+                                          axis_name="data")
+  devices = jax.local_device_count()
+  per_device = jax.pmap(lambda xs: capture(params, xs, eigenvector_estimates=estimates)[1],
+                        axis_name="data")(x.reshape(devices, -1, *x.shape[1:]))
+  for a, b in zip(jax.tree.leaves(per_device), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    np.testing.assert_array_equal(a[0], a[-1])
+
+
+def test_statistics_subset_gives_batchnorm_layers_a_noisy_mean_output_gradient():
+  loss_fn, params, x = _problem("batchnorm_mlp", batch=32)
+  _, whole = _capture(loss_fn, params, x, "kronecker_vectors")
+  _, first = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_vectors",
+                                           statistics_batch_size=8)(params, x)
+  assert float(jnp.linalg.norm(whole["Dense_0"].g)) < 1e-6
+  assert float(jnp.linalg.norm(first["Dense_0"].g)) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs,call_kwargs,match", [
+    ({"statistics": "kronecker_eigenvectors"}, {}, "needs this step's estimates"),
+    ({"statistics": "kronecker_vectors"}, {"eigenvector_estimates": {}}, "only used with"),
+    ({"statistics": "kronecker_eigenvectors"}, {"eigenvector_estimates": {}}, "has no"),
+    ({"statistics": "kronecker_eigenvectors", "weight_sharing": "reduce"}, None, "expand"),
+    ({"statistics": "kronecker_vectors", "statistics_batch_size": 0}, None, "positive int"),
+    ({"statistics": "kronecker_vectors", "statistics_batch_size": 2.0}, None, "positive int"),
+])
+def test_misuse_raises(kwargs, call_kwargs, match):
+  loss_fn, params, x = _problem("batchnorm_mlp")
+  with pytest.raises(ValueError, match=match):
+    eva_optax.flax.value_and_grad(loss_fn, **kwargs)(params, x, **(call_kwargs or {}))
+
+
+def test_estimates_of_another_model_raise_naming_the_layer():
+  loss_fn, params, x = _problem("batchnorm_mlp")
+  other = eva_optax.scale_by_eva(statistics="kronecker_eigenvectors").init(
+      {"Dense_0": {"kernel": jnp.zeros((7, 6))}, "Dense_1": params["Dense_1"]})
+  with pytest.raises(ValueError, match="Dense_0.*re-init"):
+    _capture(loss_fn, params, x, "kronecker_eigenvectors",
+             eigenvector_estimates=eva_optax.eigenvector_estimates(other))
+
+
+def test_eigenvector_estimates_needs_an_eigenvector_state():
+  params = {"Dense_0": {"kernel": jnp.zeros((3, 2))}}
+  with pytest.raises(ValueError, match="kronecker_eigenvectors"):
+    eva_optax.eigenvector_estimates(eva_optax.eva(0.1).init(params))
+  with pytest.raises(ValueError, match="statistics must be one of"):
+    eva_optax.eva(0.1, statistics="kronecker_factors")
+
+
+def test_eva_with_eigenvectors_trains_end_to_end_under_jit():
+  loss_fn, params, x = _problem("batchnorm_conv")
+  tx = eva_optax.eva(0.05, statistics="kronecker_eigenvectors")
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_eigenvectors")
+
+  @jax.jit
+  def step(params, state):
+    (loss, grads), curvature = capture(
+        params, x, eigenvector_estimates=eva_optax.eigenvector_estimates(state))
+    updates, state = tx.update(grads, state, params, curvature=curvature)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  losses = []
+  for _ in range(30):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
