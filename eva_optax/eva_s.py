@@ -38,13 +38,19 @@ from eva_optax.eva import check_damping_mode, remove_rank_one, removed_fraction
 class EvaSState(NamedTuple):
   """State of :func:`scale_by_eva_s`.
 
+  Fields are in alphabetical order (as :class:`~eva_optax.ScaleByKroneckerState`, which says
+  why).
+
   Attributes:
-    count: int32 scalar, number of updates so far.
+    count: int32 scalar, number of updates so far (skipped steps not counted).
+    grad_scale: float32 scalar, running scale of the gradient's largest |entry|
+      (:func:`eva_optax.guards.skipping_scale_jumps`).
     stats: pytree like the params; per tensor of rank k ≥ 2 a tuple of k float32 vectors
       ``(d_i,)`` (the running mode means v_i), ``()`` for tensors of rank ≤ 1.
   """
 
   count: jax.Array
+  grad_scale: jax.Array
   stats: Any
 
 
@@ -120,8 +126,16 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
     vectors would not be finite (a NaN/Inf gradient, or sums that overflow) keeps its old
     vectors for that step; its update is NaN for a non-finite gradient (so
     ``optax.apply_if_finite`` skips the step) and finite for every finite gradient, whatever
-    its scale. Explicitly sharded params (``jax.sharding.AxisType.Explicit``): each v_i is
-    sharded like its param's axis i, from ``init`` on, and nothing is gathered.
+    its scale. Huge gradients: the step is proportional to ‖G‖, so a finite gradient of
+    absurd scale (a bad batch's 1e30) would ruin the parameters. A step whose gradient's
+    largest |entry| exceeds ``eva_optax.collectors.MAX_SCALE_JUMP`` (1e6) times a running
+    scale of it is skipped — zero updates, the vectors and ``count`` kept — as a curvature
+    record with such a jump is (1e6: far above a training run's step-to-step changes, far
+    below a bad number's). A first gradient of any scale is accepted, and one that grows
+    steadily (10× per step) is followed; the rule is
+    :func:`eva_optax.guards.skipping_scale_jumps`. Explicitly sharded params
+    (``jax.sharding.AxisType.Explicit``): each v_i is sharded like its param's axis i, from
+    ``init`` on, and nothing is gathered.
 
   Raises:
     ValueError: ``damping <= 0``, unknown ``damping_mode``, negative ``relative_damping`` or
@@ -143,7 +157,8 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
       # The mode means of a zero gradient: zeros shaped, and on an explicit mesh sharded, like
       # the vectors update() computes, so the state's type is stable across updates.
       return mode_means(jnp.zeros_like(p, dtype=jnp.float32))
-    return EvaSState(jnp.zeros((), jnp.int32), jax.tree.map(vectors, params))
+    return EvaSState(count=jnp.zeros((), jnp.int32), grad_scale=jnp.zeros((), jnp.float32),
+                     stats=jax.tree.map(vectors, params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # gradient-only: curvature= and other extra arguments are ignored
@@ -158,9 +173,11 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
       step, vectors = _tensor_step(update.astype(jnp.float32), vectors, beta2, direction)
       out.append(step.astype(update.dtype))
       stats.append(vectors)
-    return treedef.unflatten(out), EvaSState(state.count + 1, treedef.unflatten(stats))
+    return treedef.unflatten(out), state._replace(count=optax.safe_increment(state.count),
+                                                  stats=treedef.unflatten(stats))
 
-  return guards.guarded(optax.GradientTransformationExtraArgs(init_fn, update_fn), "eva_s")
+  return guards.guarded(optax.GradientTransformationExtraArgs(
+      init_fn, guards.skipping_scale_jumps(update_fn)), "eva_s")
 
 
 def eva_s(
@@ -188,13 +205,15 @@ def eva_s(
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params)`` (extra
     arguments such as ``curvature=`` are ignored). Works in ``optax.chain`` and
-    ``optax.inject_hyperparams``.
+    ``optax.inject_hyperparams``. A step that :func:`scale_by_eva_s` skips (a gradient whose
+    largest |entry| jumps more than 1e6× above its running scale) is skipped whole: zero
+    updates, and the momentum trace kept as well (:func:`eva_optax.guards.skipping_whole_chain`).
 
   Raises:
     ValueError, TypeError: as :func:`scale_by_eva_s`; ``ValueError`` for a negative or
       non-finite ``learning_rate``.
   """
-  return transform.with_momentum(
+  return guards.skipping_whole_chain(transform.with_momentum(
       scale_by_eva_s(damping, damping_mode=damping_mode, relative_damping=relative_damping,
                      beta2=beta2),
-      learning_rate, momentum, nesterov, weight_decay)
+      learning_rate, momentum, nesterov, weight_decay), index=0)

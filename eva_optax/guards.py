@@ -14,6 +14,15 @@ on silently wrong numbers (issue 15). :func:`guarded` wraps a transformation so 
 All checks look at shapes, dtypes and pytree structure only, so under ``jit`` they cost nothing
 after tracing.
 
+Huge gradients
+--------------
+A finite gradient of absurd scale (every entry 1e30, say) passes ``optax.apply_if_finite``, and
+an optimizer whose step is proportional to the gradient (Eva-s grafts to ‖G‖; K-BFGS's
+H^a Ĝ H^g is linear in Ĝ) takes a step of that scale. :func:`skipping_scale_jumps` keeps a
+running scale of the gradient and skips a step whose gradient jumps above
+:data:`~eva_optax.collectors.MAX_SCALE_JUMP` times it, the policy of the curvature records;
+:func:`skipping_whole_chain` extends the skip to the momentum around such a transformation.
+
 Checkpoints
 -----------
 Save the state with orbax like any pytree and restore it with its structure as the target::
@@ -36,11 +45,14 @@ be silently swapped.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from eva_optax import collectors
 
 RESTORE_FIX = ("restore the checkpoint with the state's structure as target: "
                "checkpointer.restore(path, jax.eval_shape(tx.init, params))")
@@ -169,3 +181,73 @@ def guarded(tx: optax.GradientTransformation, who: str) -> optax.GradientTransfo
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The running scale of the gradient (a state record's float32 ``grad_scale``) is an average of
+# each accepted step's largest |entry| weighting the new value by GRADIENT_SCALE_WEIGHT, from
+# the first step's value (collectors.running_average). At 0.1 the scale stays within a few
+# steps of the gradient: one that grows 10× per step is ~100× above it (far below
+# MAX_SCALE_JUMP, so never skipped), and one accepted spike is forgotten after a few tens of
+# steps (0.9^k), where a slower average would keep the guard loose for hundreds.
+GRADIENT_SCALE_WEIGHT = 0.1
+# A skipped step raises the scale by this factor: a lasting change of the gradient's scale by
+# J > MAX_SCALE_JUMP (a model that really changed regime) is accepted after log10(J / 1e6)
+# skipped steps instead of never, while one bad step loosens the guard only 10× for a while.
+SKIPPED_SCALE_GROWTH = 10.0
+
+
+def largest_entry(tree) -> jax.Array:
+  """float32 scalar: the largest |entry| of the array leaves of ``tree`` (0 without entries)."""
+  tops = (jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in jax.tree.leaves(tree))
+  return functools.reduce(jnp.maximum, tops, jnp.zeros((), jnp.float32))
+
+
+def _structured_like(new_state, old_state):
+  """``old_state``'s leaves in ``new_state``'s structure: ``nnx.Optimizer`` hands the state
+  back with every tuple turned into an int-keyed mapping (same leaves, same order), while
+  ``update`` returns tuples."""
+  return jax.tree.unflatten(jax.tree.structure(new_state), jax.tree.leaves(old_state))
+
+
+def skipping_scale_jumps(update_fn):
+  """``update_fn`` (of a transformation whose state record has ``count`` and ``grad_scale``)
+  that skips a step whose finite gradient jumped in scale: when the largest |entry| of
+  ``updates`` exceeds :data:`~eva_optax.collectors.MAX_SCALE_JUMP` times the running scale
+  (see :data:`GRADIENT_SCALE_WEIGHT`; a scale of 0, before any nonzero gradient, accepts any),
+  the updates are zero and the state is the old one, ``count`` included (which
+  :func:`skipping_whole_chain` reads), but for ``grad_scale`` ×:data:`SKIPPED_SCALE_GROWTH`.
+  A non-finite gradient is left to the transformation and ``optax.apply_if_finite``."""
+  def update(updates, state, params=None, **extra_args):
+    new_updates, new_state = update_fn(updates, state, params, **extra_args)
+    top = largest_entry(updates)
+    skip = jnp.isfinite(top) & collectors.scale_jumped(state.grad_scale, top,
+                                                       collectors.MAX_SCALE_JUMP)
+    scale = jnp.where(skip, SKIPPED_SCALE_GROWTH * state.grad_scale,
+                      collectors.running_average(state.grad_scale, top, state.count,
+                                                 GRADIENT_SCALE_WEIGHT))
+    new_updates, new_state = collectors.keep_unless(
+        skip, (new_updates, new_state),
+        (jax.tree.map(jnp.zeros_like, updates), _structured_like(new_state, state)))
+    return new_updates, new_state._replace(grad_scale=scale)
+
+  return update
+
+
+def skipping_whole_chain(chain: optax.GradientTransformationExtraArgs, index: int
+                         ) -> optax.GradientTransformationExtraArgs:
+  """``chain`` (an ``optax.chain``) whose every element keeps its state, and whose updates are
+  zero, when element ``index`` (updated by :func:`skipping_scale_jumps`) skipped the step, as
+  ``optax.apply_if_finite`` skips a whole non-finite step: momentum before that element
+  (K-BFGS's ``optax.ema``) would otherwise take the huge gradient in and carry it for hundreds
+  of steps, momentum after it (Eva-s' ``optax.trace``) would still move the parameters."""
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = chain.update(updates, state, params, **extra_args)
+    # A step skipped by skipping_scale_jumps does not count; once the count saturates (after
+    # 2³¹ steps) this reads every step as taken, and only the element itself skips.
+    skipped = new_state[index].count != optax.safe_increment(state[index].count)
+    kept = tuple(new_state[i] if i == index else old for i, old in enumerate(state))
+    return collectors.keep_unless(skipped, (new_updates, new_state),
+                                  (jax.tree.map(jnp.zeros_like, new_updates),
+                                   _structured_like(new_state, kept)))
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

@@ -86,12 +86,15 @@ class ScaleByKBFGSState(NamedTuple):
   :class:`~eva_optax.ScaleByKroneckerState`).
 
   Attributes:
-    count: int32 scalar, number of updates so far.
+    count: int32 scalar, number of updates so far (skipped steps not counted).
+    grad_scale: float32 scalar, running scale of the incoming gradient's largest |entry|
+      (:func:`eva_optax.guards.skipping_scale_jumps`).
     preconditioner: ``{layer name: KBFGSFactors}``.
     stats: ``{layer name: KBFGSStatistics}`` for every kernel-bearing layer.
   """
 
   count: jax.Array
+  grad_scale: jax.Array
   preconditioner: dict
   stats: dict
 
@@ -180,6 +183,15 @@ def scale_by_kbfgs(
     ``"output_vectors"`` statistics on the same batch). Parameters of layers absent from
     ``curvature`` pass through unchanged (but still move to the trial point). Directions are
     float32, returned in each parameter's dtype; the state is float32 (and int32 counters).
+    Huge gradients: the direction is linear in Ĝ, so a finite gradient of absurd scale (a bad
+    batch's 1e30) would ruin the parameters. A step whose incoming gradient's largest |entry|
+    exceeds ``eva_optax.collectors.MAX_SCALE_JUMP`` (1e6) times a running scale of it is
+    skipped — zero updates, every statistic, factor and ``count`` kept, no second pass learned
+    from — as a curvature record with such a jump is (1e6: far above a training run's
+    step-to-step changes, far below a bad number's). A first gradient of any scale is
+    accepted, and one that grows steadily (10× per step) is followed; the rule is
+    :func:`eva_optax.guards.skipping_scale_jumps`. Non-finite gradients are left to
+    ``optax.apply_if_finite``.
 
   Raises:
     ValueError: λ ∉ (0, 1), μ₁ ∉ (0, 1), a decay ∉ [0, 1), a bad ``memory_size``, a negative
@@ -220,11 +232,12 @@ def scale_by_kbfgs(
               stats[name], factors[name], now, second[name], lm_a[name], a_bar[name])
 
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
-    return updates, ScaleByKBFGSState(count=optax.safe_increment(count), preconditioner=factors,
-                                      stats=stats)
+    return updates, state._replace(count=optax.safe_increment(count), preconditioner=factors,
+                                   stats=stats)
 
   return guards.guarded(optax.GradientTransformationExtraArgs(
-      functools.partial(_init, settings, size, layouts), update_fn), "K-BFGS")
+      functools.partial(_init, settings, size, layouts),
+      guards.skipping_scale_jumps(update_fn)), "K-BFGS")
 
 
 class _Settings(NamedTuple):
@@ -244,6 +257,7 @@ def _init(settings: _Settings, size, layouts: Mapping, params) -> ScaleByKBFGSSt
                                  "optax.inject_hyperparams pass static_args=('memory_size',).")
   if transform.opaque(params):
     return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32),
+                             grad_scale=jnp.zeros((), jnp.float32),
                              preconditioner=transform.PerLayer(), stats=transform.PerLayer())
   stats, factors = {}, {}
   for name, layer in layers.find_layers(params, layouts).items():
@@ -251,7 +265,9 @@ def _init(settings: _Settings, size, layouts: Mapping, params) -> ScaleByKBFGSSt
         layer, name, layouts.get(name, layers.Layout()))
     stats[name], factors[name] = transform.stacked_init(
         _init_layer, stack, settings, size, d_in + has_bias, d_out, kernel=layer["kernel"])
-  return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32), preconditioner=factors, stats=stats)
+  return ScaleByKBFGSState(count=jnp.zeros((), jnp.int32),
+                           grad_scale=jnp.zeros((), jnp.float32), preconditioner=factors,
+                           stats=stats)
 
 
 def _init_layer(settings: _Settings, size, d: int, d_out: int):
@@ -362,14 +378,14 @@ def _kbfgs_chain(learning_rate, damping, memory_size, momentum, weight_decay, st
                  pair_decay, powell_damping, initial_scale, layouts):
   # Guarded as a whole too: optax.ema runs before scale_by_kbfgs and would meet a stale or
   # restored-as-dict state first, with optax's own error.
-  return guards.guarded(optax.chain(
+  return guards.guarded(guards.skipping_whole_chain(optax.chain(
       optax.add_decayed_weights(weight_decay),
       optax.ema(momentum, debias=False),
       scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, stat_decay=stat_decay,
                      pair_decay=pair_decay, powell_damping=powell_damping,
                      initial_scale=initial_scale, layouts=layouts),
       optax.scale_by_learning_rate(learning_rate),
-  ), "K-BFGS")
+  ), index=2), "K-BFGS")  # index of scale_by_kbfgs, whose skip the whole chain follows
 
 
 def kbfgs(
@@ -401,7 +417,10 @@ def kbfgs(
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
     curvature=curvature, curvature_fn=curvature_fn)`` (see :func:`eva_optax.flax.curvature_fn`
     for a training step). State: per layer O(d_in² + d_out²) floats. Works in ``optax.chain``
-    and ``optax.inject_hyperparams``.
+    and ``optax.inject_hyperparams``. A step that :func:`scale_by_kbfgs` skips (its input, the
+    momentum of the gradient, jumps more than 1e6× above its running scale) is skipped whole:
+    zero updates, and the momentum kept as well — it has taken the huge gradient in, and would
+    carry it for hundreds of steps (:func:`eva_optax.guards.skipping_whole_chain`).
 
   Raises:
     ValueError, TypeError: as :func:`scale_by_kbfgs`.
@@ -425,7 +444,8 @@ def kbfgs_l(
 ) -> optax.GradientTransformationExtraArgs:
   """The complete K-BFGS(L) optimizer: :func:`kbfgs` with L-BFGS on H^g (the last
   ``memory_size`` accepted pairs, compact representation, fixed initial matrix
-  ``initial_scale · I``). State per layer: O(d_in² + 2·m·d_out) floats.
+  ``initial_scale · I``). State per layer: O(d_in² + 2·m·d_out) floats. Huge gradients are
+  skipped as in :func:`kbfgs` (policy: :func:`scale_by_kbfgs`).
 
   Args: as in :func:`kbfgs`, plus ``memory_size`` m (paper 100).
 

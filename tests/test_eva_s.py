@@ -135,19 +135,69 @@ def test_the_component_along_the_running_vector_keeps_training_with_running_sums
   assert _quadratic_distance(500, damping_mode="absolute") > 1.0
 
 
+def _random_grad(seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(4, 3)) + 1.0, jnp.float32)
+
+
 @pytest.mark.parametrize("scale", [1e15, 1e30])
 @pytest.mark.parametrize("mode", ["relative", "absolute"])
 def test_huge_finite_gradients_give_the_rescaled_finite_update(scale, mode):
   # The direction is homogeneous of degree 1 in G at fixed μ/γ: v scales with G, so with γ
   # tiny against μ (μ/γ ≥ 1e6 here, r = 1/(1+λ) or 1 − 1e-6) the update of c·G is c times the
   # update of G. Before: Π‖v_i‖² overflowed for c ≥ 1e15 and the update was NaN for good.
-  grad = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)) + 1.0, jnp.float32)
+  # On the first step, which accepts a gradient of any finite scale (later, a jump of c > 1e6
+  # is skipped: test_a_huge_gradient_is_skipped_whole_and_the_run_continues_as_without_it).
+  grad = _random_grad()
   tx = eva_optax.scale_by_eva_s(1e-12, damping_mode=mode)
   state = tx.init({"w": grad})
   small, _ = tx.update({"w": grad}, state)
   huge, state = tx.update({"w": scale * grad}, state)
+  assert int(state.count) == 1
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in state.stats["w"])
   np.testing.assert_allclose(huge["w"] / scale, small["w"], rtol=1e-5, atol=1e-6)
+
+
+def _eva_s_run(factors):
+  """Parameters and state after one jitted eva_s step (momentum 0.9, weight decay) per
+  gradient factor, on a fixed random gradient."""
+  tx = eva_optax.eva_s(0.01, weight_decay=1e-2)
+  params = {"w": jnp.ones((4, 3))}
+
+  @jax.jit
+  def step(params, state, factor):
+    updates, state = tx.update({"w": factor * _random_grad()}, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  state, updates = tx.init(params), []
+  for factor in factors:
+    params, state, update = step(params, state, jnp.float32(factor))
+    updates.append(update["w"])
+  return params, state, updates
+
+
+@pytest.mark.parametrize("value", [1e30, -1e30])
+def test_a_huge_gradient_is_skipped_whole_and_the_run_continues_as_without_it(value):
+  # Before: a finite ±1e30 gradient took a ±1e30-sized step. Now it jumps past 1e6 × the
+  # running scale: zero update, every state entry kept (the momentum trace included), so the
+  # run goes on exactly as if the step had not happened; only the running scale rose (10×,
+  # averaged back down since).
+  clean = _eva_s_run([1.0] * 5)
+  hit = _eva_s_run([1.0, 1.0, value, 1.0, 1.0, 1.0])
+  assert not np.any(hit[2][2])
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(hit[:2])[0],
+                               jax.tree.leaves(clean[:2])):
+    if "grad_scale" in jax.tree_util.keystr(path):
+      assert want < got < 10 * want
+    else:
+      np.testing.assert_array_equal(got, want)
+
+
+def test_a_gradient_growing_tenfold_per_step_is_followed_not_skipped():
+  # 10× per step for 8 steps (1e7 in all, past the 1e6 factor): the running scale follows, so
+  # every step counts and moves the parameters.
+  _, state, updates = _eva_s_run([10.0 ** k for k in range(8)])
+  assert int(state[0].count) == 8
+  assert all(np.all(np.isfinite(u)) and np.any(u) for u in updates)
 
 
 def test_a_non_finite_gradient_leaves_the_vectors_and_later_updates_clean():

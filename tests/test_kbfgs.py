@@ -88,22 +88,26 @@ def _problem():
   return params, loss_fn, x, labels
 
 
-def _run(tx, steps, curvature_fn_wrapper=lambda fn: fn):
+def _run(tx, steps, curvature_fn_wrapper=lambda fn: fn, factors=None):
+  """(params, state, losses, updates) after ``steps`` jitted steps, the gradients of step i
+  multiplied by ``factors[i]`` (default 1)."""
   params, loss_fn, x, labels = _problem()
   capture = eva_optax.flax.value_and_grad(loss_fn, statistics=eva_optax.KBFGS_STATISTICS)
 
   @jax.jit
-  def step(params, state):
+  def step(params, state, factor):
     (loss, grads), curvature = capture(params, x, labels)
     fn = curvature_fn_wrapper(eva_optax.flax.curvature_fn(loss_fn, x, labels))
-    updates, state = tx.update(grads, state, params, curvature=curvature, curvature_fn=fn)
-    return optax.apply_updates(params, updates), state, loss
+    updates, state = tx.update(jax.tree.map(lambda g: factor * g, grads), state, params,
+                               curvature=curvature, curvature_fn=fn)
+    return optax.apply_updates(params, updates), state, loss, updates
 
-  state, losses = tx.init(params), []
-  for _ in range(steps):
-    params, state, loss = step(params, state)
+  state, losses, history = tx.init(params), [], []
+  for factor in ([1.0] * steps if factors is None else factors):
+    params, state, loss, updates = step(params, state, jnp.float32(factor))
     losses.append(float(loss))
-  return params, state, losses
+    history.append(updates)
+  return params, state, losses, history
 
 
 def test_kbfgs_l_with_enough_memory_equals_kbfgs():
@@ -156,6 +160,40 @@ def test_a_non_finite_second_pass_is_skipped_and_the_state_stays_finite(memory_s
       np.testing.assert_array_equal(got, want)
     assert int(good[1][2].preconditioner[name].accepted) > 0
   assert np.all(np.isfinite(bad[2]))
+
+
+@pytest.mark.parametrize("memory_size", [None, 4])
+@pytest.mark.parametrize("value", [1e30, -1e30])
+def test_a_huge_gradient_is_skipped_whole_and_the_run_continues_as_without_it(value,
+                                                                               memory_size):
+  # Before: a finite ±1e30 gradient took a ±1e30-sized step. Now its momentum (the input of
+  # scale_by_kbfgs) jumps past 1e6 × the running scale: zero update, and every state entry
+  # kept, the momentum (optax.ema, before scale_by_kbfgs) included, so the run goes on
+  # exactly as if the step had not happened; only the running scale rose (10×, averaged back
+  # down since).
+  tx = (eva_optax.kbfgs(0.3) if memory_size is None
+        else eva_optax.kbfgs_l(0.3, memory_size=memory_size))
+  clean = _run(tx, 5)
+  hit = _run(tx, 6, factors=[1.0, 1.0, value, 1.0, 1.0, 1.0])
+  assert not any(np.any(u) for u in jax.tree.leaves(hit[3][2]))
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(hit[:2])[0],
+                               jax.tree.leaves(clean[:2])):
+    if "grad_scale" in jax.tree_util.keystr(path):
+      assert want < got < 10 * want
+    else:
+      np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+
+
+def test_gradients_of_any_first_scale_or_growing_tenfold_per_step_are_not_skipped():
+  # The first step takes any finite scale (1e20 here); then 10× per step for 6 steps (1e6 in
+  # all): the running scale follows, so every step counts and moves the parameters. A tiny
+  # learning rate keeps the parameters, and so the statistics, finite.
+  tx = eva_optax.kbfgs(1e-12)
+  for factors in ([1e20], [10.0 ** k for k in range(7)]):
+    _, state, _, updates = _run(tx, len(factors), factors=factors)
+    assert int(state[2].count) == len(factors)
+    for update in updates:
+      assert all(np.all(np.isfinite(u)) and np.any(u) for u in jax.tree.leaves(update))
 
 
 def test_update_without_curvature_fn_or_with_wrong_statistics_is_an_error():
