@@ -198,7 +198,14 @@ def scale_by_eva(
       once it has converged). The means are the special case where the mean dominates a
       factor (ReLU inputs); where ḡ vanishes (a conv before BatchNorm, attention keys) the
       eigenvectors do not, so the correction engages there. The capture call needs
-      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``.
+      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``. Approximation: a
+      power iteration on a factor that changes from step to step, one product per step on
+      the current batch, averaged like the other statistics (the noisy power method of Hardt
+      and Price, NeurIPS 2014; Eckart–Young for the optimality of the rank-one factor); it
+      tracks the leading eigenvector of the running factor at the rate (λ₂/λ₁)ᵗ, slowly where
+      the two top eigenvalues are close (then F̃ mixes their directions). Cost: the capture's
+      two matrix–vector passes over each layer's input and output-gradient rows (for a conv,
+      over its im2col patches, which the means avoid).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``

@@ -248,6 +248,25 @@ class LayerView(NamedTuple):
     gets a constant 1 appended). Cost O(rows · d_in²), the order of the layer's forward pass."""
     return augmented_gram(self.input_rows(x), self.has_bias)
 
+  def input_factor_product(self, x: jax.Array, vector: jax.Array) -> jax.Array:
+    """A v for A = :meth:`input_covariance` (bias-augmented with a bias) and ``vector`` v
+    ``(d_in [+1],)``, float32, without forming A: the mean over rows of a (aᵀv), O(rows·d_in).
+    For a conv the rows' projections aᵀv are a one-output-channel convolution and Σ a (aᵀv) its
+    kernel gradient, so no im2col patches are formed either."""
+    weights, shift = (vector[:-1], vector[-1]) if self.has_bias else (vector, 0.0)
+    if self.conv is not None:
+      projection, kernel_gradient = _conv_projection(self.conv, _images(self.conv, x), weights)
+      projection = projection + shift
+      product = kernel_gradient(projection)
+    else:
+      rows = self.input_rows(x)
+      projection = jnp.matmul(rows, weights, precision=jax.lax.Precision.HIGHEST) + shift
+      # A product and a sum over rows: the rows may be explicitly batch-sharded.
+      product = jnp.sum(rows * projection[:, None], axis=0)
+    if self.has_bias:
+      product = jnp.concatenate([product, jnp.sum(projection)[None]])
+    return product / projection.size
+
   def per_example_input(self, x: jax.Array) -> jax.Array:
     """The input averaged over each example's rows (positions), float32 ``[B, d_in]``."""
     rows = self.input_rows(x)
@@ -279,17 +298,12 @@ def _images(conv: ConvSpec, x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32).reshape((-1,) + x.shape[x.ndim - rank - 1:])
 
 
-def patches(conv: ConvSpec, images: jax.Array) -> jax.Array:
-  """im2col rows ``[N · positions, d_in]`` of float32 ``images [N, *spatial, c_in]``, each row
-  ordered like the reshaped HWIO kernel (spatial offsets major, channel minor).
-
-  Zero padding counts as inputs, exactly as in the convolution.
-  """
-  kernel_size, padding = conv.kernel_size, conv.padding
-  rank = len(kernel_size)
+def _padded(conv: ConvSpec, images: jax.Array) -> tuple[jax.Array, object]:
+  """``(images, padding)`` for ``lax``: Flax's CIRCULAR, REFLECT and CAUSAL modes pad the input
+  explicitly and then run a VALID convolution; the others pass through."""
+  padding = conv.padding
   if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
-    # Mirror Flax: these modes pad the input explicitly and then run a VALID convolution.
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, conv.kernel_dilation)]
+    dilated = [(k - 1) * d + 1 for k, d in zip(conv.kernel_size, conv.kernel_dilation)]
     if padding == "CAUSAL":
       pads, mode = [(dilated[0] - 1, 0)], "constant"
     else:
@@ -297,6 +311,36 @@ def patches(conv: ConvSpec, images: jax.Array) -> jax.Array:
       mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]
     images = jnp.pad(images, [(0, 0)] + pads + [(0, 0)], mode=mode)
     padding = "VALID"
+  return images, padding
+
+
+def _conv_projection(conv: ConvSpec, images: jax.Array, weights: jax.Array):
+  """``(p, kernel_gradient)``: p ``[N, *out, 1]`` the convolution of float32 ``images`` with
+  the one-output-channel kernel ``weights`` ``(d_in,)`` (kernel-row order), i.e. every im2col
+  row's aᵀw, and ``kernel_gradient(c) = Σ_rows c_row · a_row`` ``(d_in,)`` (its VJP)."""
+  rank = len(conv.kernel_size)
+  images, padding = _padded(conv, images)
+  spatial = tuple(range(1, rank + 1))
+  numbers = jax.lax.ConvDimensionNumbers(
+      lhs_spec=(0, rank + 1) + spatial, rhs_spec=(rank + 1, rank) + tuple(range(rank)),
+      out_spec=(0, rank + 1) + spatial)
+  kernel = weights.reshape(conv.kernel_size + (images.shape[-1], 1))
+  projection, vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
+      images, k, conv.strides, padding, lhs_dilation=conv.input_dilation,
+      rhs_dilation=conv.kernel_dilation, dimension_numbers=numbers,
+      precision=jax.lax.Precision.HIGHEST), kernel)
+  return projection, lambda cotangent: vjp(cotangent)[0].reshape(-1)
+
+
+def patches(conv: ConvSpec, images: jax.Array) -> jax.Array:
+  """im2col rows ``[N · positions, d_in]`` of float32 ``images [N, *spatial, c_in]``, each row
+  ordered like the reshaped HWIO kernel (spatial offsets major, channel minor).
+
+  Zero padding counts as inputs, exactly as in the convolution.
+  """
+  kernel_size = conv.kernel_size
+  rank = len(kernel_size)
+  images, padding = _padded(conv, images)
   spatial = tuple(range(1, rank + 1))
   numbers = jax.lax.ConvDimensionNumbers(
       lhs_spec=(0, rank + 1) + spatial, rhs_spec=tuple(range(rank + 2)),

@@ -337,3 +337,36 @@ def test_eva_with_eigenvectors_trains_end_to_end_under_jit():
     params, state, loss = step(params, state)
     losses.append(float(loss))
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("kernel_size,strides,padding,use_bias,dilation", [
+    ((3, 3), (2, 2), "SAME", True, (1, 1)),
+    ((3, 3), (1, 1), "VALID", False, (1, 1)),
+    ((2, 3), (2, 1), ((1, 0), (2, 1)), True, (1, 1)),
+    ((3, 2), (1, 1), "CIRCULAR", True, (2, 1)),
+    ((3,), (2,), "CAUSAL", True, (1,)),
+])
+def test_conv_power_step_without_patches_equals_the_dense_factor(kernel_size, strides, padding,
+                                                                 use_bias, dilation):
+  """The conv's A û is a one-channel convolution and its kernel gradient (no im2col); the
+  reference is K-FAC's A, built from im2col patches (checked against explicit slicing in
+  test_capture)."""
+  rank = len(kernel_size)
+  x = jax.random.normal(jax.random.key(0), (3,) + (7, 6)[:rank] + (2,))
+  model = nn.Conv(3, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
+                  kernel_dilation=dilation)
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def loss_fn(p, x):
+    out = model.apply({"params": p}, x)
+    return jnp.mean(jnp.sum(jnp.sin(out) * out, axis=tuple(range(1, out.ndim))))
+
+  _, factors = _capture(loss_fn, params, x, "kronecker_factors")
+  estimates = _random_estimates({"": factors})
+  _, records = _capture(loss_fn, params, x, "kronecker_eigenvectors",
+                        eigenvector_estimates=estimates[""])
+  for field in ("a", "g"):
+    expected = np.asarray(getattr(factors, field), np.float64) @ _unit(
+        np.asarray(getattr(estimates[""], field)))
+    np.testing.assert_allclose(getattr(records, field), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max(), err_msg=field)

@@ -7,8 +7,9 @@ set -euo pipefail
 DATA=${DATA:-${EVA_OPTAX_DATA:-../shared/data}}
 OUT=${OUT:-benchmarks/out/gpu}
 SEEDS=${SEEDS:-0 1 2}
-LM=${LM:-adamw,muon,sgd_nesterov,eva,eva_f,kfac,foof,shampoo,eva_s,kbfgs}
-CIFAR=${CIFAR:-sgd_nesterov,adamw,muon,eva,eva_f,kfac,foof,shampoo,eva_s}
+# eva_eigen, eva_subset, eva:damping=1e30: issue 14's ablation of Eva's statistics.
+LM=${LM:-adamw,muon,sgd_nesterov,eva,eva_eigen,eva:damping=1e30,eva_f,kfac,foof,shampoo,eva_s,kbfgs}
+CIFAR=${CIFAR:-sgd_nesterov,adamw,muon,eva,eva_eigen,eva_subset,eva:damping=1e30,eva_f,kfac,foof,shampoo,eva_s}
 for seed in $SEEDS; do
   rounds=$([ "$seed" = 0 ] && echo 50 || echo 0)
   python -m benchmarks.run --task shakespeare_char --data-dir "$DATA" --seeds "$seed" \

@@ -75,15 +75,6 @@ def _power_product(rows: jax.Array, vector: jax.Array) -> jax.Array:
   return jnp.sum(rows * projection[:, None], axis=0)
 
 
-def _input_power(view, x, y, probe):
-  """A û with A the bias-augmented input factor of :class:`~eva_optax.KroneckerFactors` (mean
-  over rows of [a; 1][a; 1]ᵀ) and û the probe's unit vector, ``(d_in [+1],)``."""
-  rows = view.input_rows(x)
-  if view.has_bias:
-    rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
-  return _power_product(rows, probe) / rows.shape[0]
-
-
 def _output_power(view, ct, batch_size, examples, probe):
   """G v̂ with G the output factor of :func:`_output_factor` and v̂ the probe's unit vector."""
   return (batch_size * batch_size / examples) * _power_product(view.output_rows(ct), probe)
@@ -97,7 +88,8 @@ FORWARD: dict[str, Callable] = {
     "a_factor": lambda view, x, y, probe: view.input_covariance(x),
     "a_examples": lambda view, x, y, probe: view.per_example_input(x),
     "y_mean": lambda view, x, y, probe: jnp.mean(view.output_rows(y), axis=0),
-    "a_power": _input_power,
+    # A û, A the bias-augmented input factor of KroneckerFactors, û the probe's unit vector.
+    "a_power": lambda view, x, y, probe: view.input_factor_product(x, probe),
 }
 BACKWARD: dict[str, Callable] = {
     "g_mean": _output_mean,
