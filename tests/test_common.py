@@ -22,8 +22,6 @@ OPTIMIZERS = [
     ("eva_absolute_kl_clip",
      functools.partial(eva_optax.eva, damping_mode="absolute", scaling="kl_clip"),
      "kronecker_vectors", {"damping": 10.0}),
-    ("eva_trust_region", functools.partial(eva_optax.eva, scaling="trust_region", kl_clip=1e-2),
-     "kronecker_vectors", {"damping": 1.0}),
     ("eva_unscaled_nesterov",
      functools.partial(eva_optax.eva, scaling=None, nesterov=True, weight_decay=1e-4),
      "kronecker_vectors", {"damping": 1.0}),
