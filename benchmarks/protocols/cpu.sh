@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU protocol of the real workloads (benchmarks/RESULTS.md, "Issues 13 and 14") for a 2-core box
-# in the background: all of it takes ~3 hours in sequence (a Transformer run is 5-10 minutes,
-# K-BFGS's 15); LM=, CIFAR=, SEEDS= select a part, and parts can run side by side (they write
-# separate run directories). Every (optimizer, seed) run is its own process with a stall
+# in the background: all of it takes ~4 hours in sequence (a Transformer run is 5-10 minutes,
+# K-BFGS's 15, a 200-step ResNet run ~5); LM=, CIFAR=, SEEDS= select a part, and parts can run
+# side by side (they write separate run directories). Every (optimizer, seed) run is its own process with a stall
 # watchdog (exit status 3), retried once
 # (XLA's CPU runtime hung twice in a K-FAC refresh on the busy box, see RESULTS.md); one short
 # process then times every optimizer's step interleaved, and benchmarks.report merges it all.
@@ -18,7 +18,7 @@ SEEDS=${SEEDS:-0 1}
 LM=${LM:-adamw eva muon kfac eva_f foof shampoo eva_s kbfgs eva_eigen eva:damping=1e30}
 # Sensitivity runs after the main ones: AdamW at its own proxy-tuned rate (seed 0).
 EXTRA=${EXTRA:-adamw:lr=0.004}
-CIFAR=${CIFAR:-sgd_nesterov eva eva_eigen eva:damping=1e30 eva_subset}
+CIFAR=${CIFAR:-sgd_nesterov eva adamw muon eva_f kfac foof shampoo eva_s eva_eigen eva:damping=1e30 eva_subset}
 # CIFAR on 2 cores: 200 steps of 128 (half an epoch), the metric on the first 2,000 test images.
 CIFAR_ARGS=(--steps 200 --eval-every 50 --test-subset 2000 --targets 0.3,0.4)
 export OPENBLAS_NUM_THREADS=1
