@@ -174,12 +174,9 @@ def scale_by_eva(
       ``"kl_clip"`` (ICLR): on the reference's direction Ṽ = B²(F̃ + γI)⁻¹Ĝ, the factor
       ν = min(1, √(κ / (η² Σ⟨Ṽ, Ĝ⟩))) with η = ``learning_rate`` at this step; absolute
       damping only.
-      ``"trust_region"``: the preconditioned-SGD step η·V, shrunk to the KL radius √κ when it
-      is longer: ν = min(1, √(κ / (η² Σ⟨V, Ĝ⟩))) (kl_clip's factor on V itself, so any damping
-      mode). Far from a minimum it is ``"kl_normalize"`` with a step of √κ; near one the step
-      shrinks with the gradient as SGD's does, which ``"kl_normalize"``'s fixed step length
-      never does — the choice for a constant learning rate. ``learning_rate`` is then in SGD's
-      units (benchmarks/RESULTS.md, issue 14).
+      ``"trust_region"``: ν = min(1, √(κ / (η² Σ⟨V, Ĝ⟩))) on V itself (any damping mode): the
+      SGD step η·V cut to the KL radius √κ only when longer, so near a minimum steps shrink
+      as SGD's do (for constant learning rates; η is then in SGD's units).
       ``None``: the update is exactly V = γ_eff (F̃ + γ_eff I)⁻¹ Ĝ.
     kl_clip: κ > 0 of ``"kl_clip"`` (reference 0.001) and ``"trust_region"``.
     learning_rate: η for ``"kl_clip"`` and ``"trust_region"`` (float or optax schedule,
@@ -188,24 +185,18 @@ def scale_by_eva(
       the reference's mean-loss units (its ḡ is ḡ/B, its γ is γ/B²); 1 keeps per-example units.
     layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
       :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
-    statistics: the rank-one Kronecker vectors, by the capture's statistics name.
-      ``"kronecker_vectors"`` (default, the paper's): the running means ā, ḡ.
-      ``"kronecker_eigenvectors"``: the leading eigenvectors of the Kronecker factors A, G of
-      :class:`~eva_optax.KroneckerFactors`, tracked across steps by a streaming power
-      iteration (one A û and one G v̂ per step, O(rows·d) in the capture and O(d_in + d_out)
-      state, no d × d matrix), so F̃ = (λ_a u uᵀ) ⊗ (λ_g v vᵀ), the Eckart–Young-optimal
-      rank-one factors, with λ = ‖running estimate‖ (the power iteration's eigenvalue, exact
-      once it has converged). The means are the special case where the mean dominates a
-      factor (ReLU inputs); where ḡ vanishes (a conv before BatchNorm, attention keys) the
-      eigenvectors do not, so the correction engages there. The capture call needs
-      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``. Approximation: a
-      power iteration on a factor that changes from step to step, one product per step on
-      the current batch, averaged like the other statistics (the noisy power method of Hardt
-      and Price, NeurIPS 2014; Eckart–Young for the optimality of the rank-one factor); it
-      tracks the leading eigenvector of the running factor at the rate (λ₂/λ₁)ᵗ, slowly where
-      the two top eigenvalues are close (then F̃ mixes their directions). Cost: the capture's
-      two matrix–vector passes over each layer's input and output-gradient rows (for a conv,
-      over its im2col patches, which the means avoid).
+    statistics: the rank-one Kronecker vectors, by the capture's statistics name:
+      ``"kronecker_vectors"`` (default, the paper's running means ā, ḡ) or
+      ``"kronecker_eigenvectors"``: the leading eigenvectors of the Kronecker factors A, G,
+      tracked by a streaming power iteration (:class:`~eva_optax.KroneckerEigenvectors`), so
+      F̃ = (λ_a u uᵀ) ⊗ (λ_g v vᵀ), the Eckart–Young-optimal rank-one factors, which do not
+      vanish where ḡ does (BatchNorm convs, attention keys). The capture call needs
+      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``. Approximation: one
+      power step per step on the current batch, averaged like the other statistics (the noisy
+      power method, Hardt & Price, NeurIPS 2014), converging like (λ₂/λ₁)ᵗ. Cost: two
+      matrix–vector passes per layer in the capture (a conv: two one-channel convolutions).
+      Measured (benchmarks/RESULTS.md, issue 14): it engages the correction there but does not
+      beat the means.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
