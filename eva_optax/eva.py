@@ -208,17 +208,24 @@ def scale_by_eva(
     ValueError: ``damping <= 0``, ``kl_clip <= 0``, a negative ``relative_damping``,
       ``stat_decay`` outside [0, 1], unknown ``damping_mode`` or ``scaling``, ``"kl_clip"`` or
       ``"trust_region"`` without ``learning_rate``, ``"kl_clip"`` with relative damping, a
-      negative or non-finite
-      ``learning_rate``; at update time (trace time under jit) missing or mismatched
+      negative or non-finite ``learning_rate``; at update time (trace time under jit) missing or mismatched
       ``curvature``, a stale state (see :mod:`eva_optax.guards`).
     TypeError: integer parameters or gradients, curvature of the wrong kind or dtype, a state
       restored from a checkpoint without a target.
   """
   check_damping(damping, damping_mode, relative_damping, scaling, stat_decay)
   check_statistics(statistics)
-  natural = scaling == "kl_clip"
-  collector = STATISTICS[statistics](stat_decay)
+  preconditioner = _preconditioner(damping, damping_mode, relative_damping,
+                                   scaling == "kl_clip", batch_size)
+  return transform.scale_by_kronecker(
+      STATISTICS[statistics](stat_decay), preconditioner,
+      _step_scaling(scaling, kl_clip, learning_rate), layouts, name="eva")
 
+
+def _preconditioner(damping, damping_mode, relative_damping, natural: bool,
+                    batch_size: int) -> transform.Preconditioner:
+  """Eva's stateless per-layer Sherman–Morrison step; ``natural``: in the ICLR reference's
+  units Ṽ = B²V/γ_eff (its ``kl_clip`` acts on those)."""
   def apply(stats, state, grad_matrix):
     del state
     terms = eva_layer(layer_vectors(stats, False), grad_matrix, damping, damping_mode,
@@ -227,15 +234,16 @@ def scale_by_eva(
       return terms.direction * (batch_size ** 2 / terms.damping)
     return terms.direction
 
-  preconditioner = transform.Preconditioner(
+  return transform.Preconditioner(
       init=lambda d_in, d_out, has_bias: (), update=lambda stats, state, count: state,
       apply=apply)
+
+
+def _step_scaling(scaling, kl_clip, learning_rate) -> transform.Scaling:
+  """The global scaling of :data:`SCALINGS`: ``"trust_region"`` is kl_clip's factor on V."""
   if scaling == "trust_region":
-    step_scaling = transform.kl_clip(kl_clip, learning_rate)
-  else:
-    step_scaling = transform.scaling_by_name(scaling, kl_clip, learning_rate)
-  return transform.scale_by_kronecker(collector, preconditioner, step_scaling, layouts,
-                                      name="eva")
+    return transform.kl_clip(kl_clip, learning_rate)
+  return transform.scaling_by_name(scaling, kl_clip, learning_rate)
 
 
 def eva(
