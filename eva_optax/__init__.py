@@ -1,6 +1,6 @@
 """eva_optax: practical second-order optimizers for JAX as Optax gradient transformations."""
 
-from eva_optax import flax, layers, linalg, nnx
+from eva_optax import distributed, flax, layers, linalg, nnx
 from eva_optax.accumulation import MultiStepsState, multi_steps
 from eva_optax.capture.coverage import Coverage, coverage, coverage_report
 from eva_optax.layers import Layout
@@ -36,5 +36,5 @@ __all__ = [
     "EvaSState", "SHAMPOO_STATIC_ARGS", "ShampooState", "eva_s", "eva_s_direction",
     "Coverage", "Layout", "MultiStepsState", "coverage", "coverage_report", "layers",
     "multi_steps", "nnx",
-    "linalg", "merge_small_dims", "scale_by_eva_s", "scale_by_shampoo", "shampoo",
+    "distributed", "linalg", "merge_small_dims", "scale_by_eva_s", "scale_by_shampoo", "shampoo",
 ]

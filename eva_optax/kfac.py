@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, layers, transform
+from eva_optax import collectors, distributed, layers, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 INVERSE_METHODS = ("cholesky", "eigh")
@@ -96,6 +96,44 @@ def refresh_every(period, count: jax.Array, compute, state):
   return jax.lax.cond(count % period == 0, refresh, lambda state: state, state)
 
 
+def damped_inverses(matrices: list, dampings: list, method: str, mesh) -> list:
+  """:func:`damped_inverse` of every ``[k_i, n_i, n_i]`` stack with its ``[k_i]`` dampings,
+  the matrices of equal size in one computation spread over ``mesh``'s devices
+  (:func:`eva_optax.distributed.vmap_over_devices`; ``None``: computed locally)."""
+  groups = {}
+  for i, m in enumerate(matrices):
+    groups.setdefault(m.shape[-1], []).append(i)
+  out = [None] * len(matrices)
+  for members in groups.values():
+    inverses = distributed.vmap_over_devices(
+        functools.partial(damped_inverse, method=method),
+        jnp.concatenate([matrices[i] for i in members]),
+        jnp.concatenate([dampings[i] for i in members]), mesh=mesh)
+    stop = 0
+    for i in members:
+      start, stop = stop, stop + matrices[i].shape[0]
+      out[i] = inverses[start:stop]
+  return out
+
+
+def refresh_all_every(period, count: jax.Array, compute, states: dict) -> dict:
+  """Every layer's refresh at once: ``compute()`` (``{layer: new state}``) on steps 0, T, 2T, …
+  (``lax.cond``), else ``states``; per matrix (a stack's slices apart), a result with a
+  non-finite entry keeps the previous one."""
+  def keep_finite(new, old):
+    ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
+    return jnp.where(ok[..., None, None], new, old)
+
+  def refresh(states):
+    return jax.tree.map(keep_finite, compute(), states)
+  return jax.lax.cond(count % period == 0, refresh, lambda states: states, states)
+
+
+def flat_stack(x: jax.Array) -> jax.Array:
+  """A stack of ``[n, n]`` matrices (any leading axes) as ``[k, n, n]``."""
+  return x.reshape(-1, *x.shape[-2:])
+
+
 def check_inverse_options(damping, inverse_update_period, inverse: str, stat_decay) -> None:
   transform.check_positive("damping", damping)
   # Outside [0, 1] the running average extrapolates instead of averaging.
@@ -120,6 +158,7 @@ def scale_by_kfac(
     kl_clip: float = 1e-3,
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
     layouts: Optional[Mapping] = None,
+    refresh_mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioned direction, to compose with momentum and a learning rate.
 
@@ -146,6 +185,11 @@ def scale_by_kfac(
     learning_rate: η for ``"kl_clip"`` (float or optax schedule).
     layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
       :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
+    refresh_mesh: ``None`` (default): every device computes every inverse of a refresh. A
+      ``jax.sharding.Mesh``: the inverses of all layers (A's and G's alike) are grouped by
+      size and each device of the mesh computes a slice of each group, then the results are
+      gathered (:func:`eva_optax.distributed.vmap_over_devices`): the same inverses for
+      ~1/devices of the work, under ``jax.jit`` (not inside ``pmap``/``shard_map``).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
@@ -161,9 +205,10 @@ def scale_by_kfac(
       under jit) missing or mismatched ``curvature``, a stale state (see
       :mod:`eva_optax.guards`).
     TypeError: integer parameters or gradients, curvature of the wrong kind or dtype, a state
-      restored from a checkpoint without a target.
+      restored from a checkpoint without a target, a ``refresh_mesh`` that is not a Mesh.
   """
   check_inverse_options(damping, inverse_update_period, inverse, stat_decay)
+  distributed.check_mesh(refresh_mesh, "kfac")
 
   def update(stats, state, count):
     def compute():
@@ -171,6 +216,18 @@ def scale_by_kfac(
       return KFACInverses(damped_inverse(stats.a, damp_a, inverse),
                           damped_inverse(stats.g, damp_g, inverse))
     return refresh_every(inverse_update_period, count, compute, state)
+
+  def update_all(stats, states, count):
+    def compute():
+      a = [flat_stack(s.a) for s in stats.values()]
+      g = [flat_stack(s.g) for s in stats.values()]
+      damp_a, damp_g = zip(*[jax.vmap(factored_damping, (0, 0, None))(x, y, damping)
+                             for x, y in zip(a, g)])
+      inverses = damped_inverses(a + g, list(damp_a + damp_g), inverse, refresh_mesh)
+      return {name: KFACInverses(inverses[i].reshape(s.a.shape),
+                                 inverses[len(a) + i].reshape(s.g.shape))
+              for i, (name, s) in enumerate(stats.items())}
+    return refresh_all_every(inverse_update_period, count, compute, states)
 
   def apply(stats, state, grad_matrix):
     del stats
@@ -184,7 +241,8 @@ def scale_by_kfac(
 
   return transform.scale_by_kronecker(
       collectors.kronecker_factors(stat_decay),
-      transform.Preconditioner(_identity_inverses, update, apply),
+      transform.Preconditioner(_identity_inverses, update, apply,
+                               None if refresh_mesh is None else update_all),
       transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts, name="kfac")
 
 
@@ -201,6 +259,7 @@ def kfac(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     layouts: Optional[Mapping] = None,
+    refresh_mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The complete K-FAC optimizer: :func:`scale_by_kfac` → ``optax.add_decayed_weights`` →
   ``optax.trace(momentum, nesterov)`` → ``−learning_rate`` (the order of :func:`eva`).
@@ -208,8 +267,8 @@ def kfac(
   Args:
     learning_rate: η, float or optax schedule.
     momentum, nesterov, weight_decay: as in :func:`~eva_optax.eva`.
-    damping, stat_decay, inverse_update_period, inverse, scaling, kl_clip, layouts: as in
-      :func:`scale_by_kfac`.
+    damping, stat_decay, inverse_update_period, inverse, scaling, kl_clip, layouts,
+      refresh_mesh: as in :func:`scale_by_kfac`.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -221,5 +280,5 @@ def kfac(
   return transform.with_momentum(
       scale_by_kfac(damping, stat_decay=stat_decay, inverse_update_period=inverse_update_period,
                     inverse=inverse, scaling=scaling, kl_clip=kl_clip,
-                    learning_rate=learning_rate, layouts=layouts),
+                    learning_rate=learning_rate, layouts=layouts, refresh_mesh=refresh_mesh),
       learning_rate, momentum, nesterov, weight_decay)

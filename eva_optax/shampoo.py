@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from eva_optax import collectors, guards, layers, linalg, transform
+from eva_optax import collectors, distributed, guards, layers, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 GRAFT_TYPES = ("sgd", "adagrad", "rmsprop", "adam")
@@ -251,6 +251,7 @@ def scale_by_shampoo(
     graft_beta2: float = 0.999,
     graft_epsilon: float = 1e-8,
     root_method: str = "newton",
+    refresh_mesh: Optional[jax.sharding.Mesh] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Shampoo's grafted direction, to compose with momentum and a learning rate.
 
@@ -281,6 +282,11 @@ def scale_by_shampoo(
     root_method: ``"newton"`` (coupled Newton iteration, default; matmuls only) or ``"eigh"``.
       Roots are float64 when ``jax_enable_x64`` is on, and a root that is not finite or whose
       residual max |X^p S_ε − I| exceeds 0.1 is discarded (the previous root is kept).
+    refresh_mesh: ``None`` (default): every device computes every root of a refresh. A
+      ``jax.sharding.Mesh``: each group of equal-sized statistics (the stack that gets one
+      vmapped root computation) is divided among the mesh's devices and the roots gathered
+      (:func:`eva_optax.distributed.vmap_over_devices`): the same roots for ~1/devices of the
+      work, under ``jax.jit`` (not inside ``pmap``/``shard_map``).
 
   Returns:
     ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params=None,
@@ -306,8 +312,9 @@ def scale_by_shampoo(
       ``static_args=eva_optax.SHAMPOO_STATIC_ARGS``); at update time, a state that does not
       fit the gradients (stale: see :mod:`eva_optax.guards`).
     TypeError: integer parameters or gradients; a state restored from a checkpoint without a
-      target.
+      target; a ``refresh_mesh`` that is not a Mesh.
   """
+  distributed.check_mesh(refresh_mesh, "shampoo")
   _check_options(beta2, matrix_epsilon, graft_type, graft_beta1, graft_beta2, graft_epsilon,
                  root_method)
   config = _Config(
@@ -316,7 +323,8 @@ def scale_by_shampoo(
       _static_int("preconditioning_compute_steps", preconditioning_compute_steps, 1),
       _static_int("exponent_override", exponent_override, 0),
       _static_int("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt, 1),
-      beta2, matrix_epsilon, graft_type, graft_beta1, graft_beta2, graft_epsilon, root_method)
+      beta2, matrix_epsilon, graft_type, graft_beta1, graft_beta2, graft_epsilon, root_method,
+      refresh_mesh)
   # Gradient-only: params, curvature= and other extra arguments of update are ignored.
   update_fn = lambda updates, state, params=None, **_: _update(config, updates, state)
   return guards.guarded(optax.GradientTransformationExtraArgs(
@@ -338,6 +346,7 @@ class _Config(NamedTuple):
   graft_beta2: float
   graft_epsilon: float
   root_method: str
+  refresh_mesh: Optional[jax.sharding.Mesh]
 
   def plan(self, x) -> "_Plan":
     return _plan(x.shape, self.block_size, self.skip_dim_gt, self.exponent_override)
@@ -377,7 +386,7 @@ def _update(config: _Config, updates, state: ShampooState):
   old_roots = [transform.as_sequence(r) for r in treedef.flatten_up_to(state.preconditioner)]
   start = config.start
   refresh = (count >= start) & ((count - start) % config.period == 0)
-  roots = _refreshed(config.root, refresh, stats, old_roots, [plan.p for plan in plans])
+  roots = _refreshed(config, refresh, stats, old_roots, [plan.p for plan in plans])
   out = [_grafted_direction(*leaf, count >= start).astype(original.dtype)
          for *leaf, original in zip(grads, full, plans, roots, graft_steps, taken, originals)]
   return treedef.unflatten(out), ShampooState(
@@ -420,13 +429,13 @@ def _statistics_step(beta2, graft_fn, grad, full_grad, plan: _Plan, stats: tuple
           collectors.keep_unless(~taken, new_graft, graft_state), taken)
 
 
-def _refreshed(root, refresh, stats: list, roots: list, orders: list) -> list:
+def _refreshed(config: _Config, refresh, stats: list, roots: list, orders: list) -> list:
   """Per tensor, its roots: recomputed from ``stats`` (``lax.cond`` on ``refresh``) or kept.
   ``orders``: each tensor's root order p."""
   # Flat lists over every statistic of every tensor, and the root order of each.
   flat_stats = [s for leaf in stats for s in leaf]
   flat_orders = [p for p, leaf in zip(orders, stats) for _ in leaf]
-  flat = jax.lax.cond(refresh, lambda s, r: _compute_roots(root, s, r, flat_orders),
+  flat = jax.lax.cond(refresh, lambda s, r: _compute_roots(config, s, r, flat_orders),
                       lambda s, r: list(r), flat_stats, [r for leaf in roots for r in leaf])
   out, position = [], 0
   for leaf in stats:
@@ -435,15 +444,18 @@ def _refreshed(root, refresh, stats: list, roots: list, orders: list) -> list:
   return out
 
 
-def _compute_roots(root, stats, roots, orders):
-  """New roots of every statistic: one vmapped ``root(matrix, p)`` per (size, p) over all
-  tensors, keeping the previous root where the new one fails (``linalg.select_root``)."""
+def _compute_roots(config: _Config, stats, roots, orders):
+  """New roots of every statistic: one vmapped ``config.root(matrix, p)`` per (size, p) over
+  all tensors (spread over ``config.refresh_mesh``'s devices when given), keeping the previous
+  root where the new one fails (``linalg.select_root``)."""
   groups = {}
   for i, (s, p) in enumerate(zip(stats, orders)):
     groups.setdefault((s.shape[-1], p), []).append(i)
   new = list(roots)
   for (_, p), members in groups.items():
-    result = jax.vmap(lambda m, p=p: root(m, p))(jnp.concatenate([stats[i] for i in members]))
+    result = distributed.vmap_over_devices(
+        lambda m, p=p: config.root(m, p), jnp.concatenate([stats[i] for i in members]),
+        mesh=config.refresh_mesh)
     chosen = linalg.select_root(result, jnp.concatenate([roots[i] for i in members]))
     stop = 0
     for i in members:
@@ -480,6 +492,7 @@ def shampoo(
     graft_beta2: float = 0.999,
     graft_epsilon: float = 1e-8,
     root_method: str = "newton",
+    refresh_mesh: Optional[jax.sharding.Mesh] = None,
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 0.0,
@@ -495,7 +508,7 @@ def shampoo(
     weight_decay: L2 coefficient added to the grafted direction.
     block_size, beta2, matrix_epsilon, start_preconditioning_step,
     preconditioning_compute_steps, exponent_override, skip_preconditioning_dim_size_gt,
-    graft_type, graft_beta1, graft_beta2, graft_epsilon, root_method: as in
+    graft_type, graft_beta1, graft_beta2, graft_epsilon, root_method, refresh_mesh: as in
       :func:`scale_by_shampoo`.
 
   Returns:
@@ -515,5 +528,6 @@ def shampoo(
           exponent_override=exponent_override,
           skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
           graft_type=graft_type, graft_beta1=graft_beta1, graft_beta2=graft_beta2,
-          graft_epsilon=graft_epsilon, root_method=root_method),
+          graft_epsilon=graft_epsilon, root_method=root_method,
+          refresh_mesh=refresh_mesh),
       learning_rate, momentum, nesterov, weight_decay)

@@ -29,11 +29,15 @@ class Preconditioner(NamedTuple):
       one ``[d_in (+1), d_out]`` matrix; ``()`` if none.
     update: ``(stats, state, count) -> state`` — refresh the cache (``lax.cond`` for periodic work).
     apply: ``(stats, state, grad_matrix) -> direction`` of the same shape as Ĝ.
+    update_all: optional ``(stats, states, count) -> states`` over every captured layer at
+      once (``{layer: ...}``, a stack's slices leading, bias-augmented statistics); replaces
+      ``update`` where a refresh is shared between layers (spread over devices: K-FAC, FOOF).
   """
 
   init: Callable[[int, int, bool], Any]
   update: Callable[[NamedTuple, Any, jax.Array], Any]
   apply: Callable[[NamedTuple, Any, jax.Array], jax.Array]
+  update_all: Optional[Callable[[dict, dict, jax.Array], dict]] = None
 
 
 class ScaleByKroneckerState(NamedTuple):
@@ -339,6 +343,9 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
   """
   layouts = flat_layouts(layouts)
 
+  def per_slice(name, fn, in_axes=0):
+    return layers.over_stack(fn, layouts.get(name, layers.Layout()).stacked_axes, in_axes)
+
   def init_fn(params):
     if opaque(params):
       return ScaleByKroneckerState(count=jnp.zeros((), jnp.int32), preconditioner=PerLayer(),
@@ -357,19 +364,24 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
     captured = match_layers(curvature, grads, collector.kind, "this optimizer",
                             layers.masked_layers(updates, layouts))
     stats, pstates = dict(state.stats), dict(state.preconditioner)
-    directions, matrices = {}, {}
+    layer_stats = {}
     for name, record in captured.items():
       check_record(name, record, state.stats[name], jnp.shape(grads[name]["kernel"]))
-      layout = layouts.get(name, layers.Layout())
-      per_slice = lambda fn, in_axes=0: layers.over_stack(fn, layout.stacked_axes, in_axes)
       stats[name] = collector.update(state.stats[name], record, state.count)
-      layer_stats = (per_slice(collector.with_bias)(stats[name]) if "bias" in grads[name]
-                     else stats[name])
-      pstates[name] = per_slice(preconditioner.update, (0, 0, None))(
-          layer_stats, pstates[name], state.count)
-      matrices[name] = layers.to_matrix(grads[name], layout)
-      directions[name] = per_slice(preconditioner.apply)(layer_stats, pstates[name],
-                                                         matrices[name])
+      layer_stats[name] = (per_slice(name, collector.with_bias)(stats[name])
+                           if "bias" in grads[name] else stats[name])
+    if preconditioner.update_all is not None:
+      pstates.update(preconditioner.update_all(
+          layer_stats, {name: pstates[name] for name in captured}, state.count))
+    else:
+      for name in captured:
+        pstates[name] = per_slice(name, preconditioner.update, (0, 0, None))(
+            layer_stats[name], pstates[name], state.count)
+    directions, matrices = {}, {}
+    for name in captured:
+      matrices[name] = layers.to_matrix(grads[name], layouts.get(name, layers.Layout()))
+      directions[name] = per_slice(name, preconditioner.apply)(layer_stats[name], pstates[name],
+                                                               matrices[name])
     factor = scaling(directions, matrices, state.count)
     updates = replace_layers(updates, {
         name: layers.from_matrix(factor * direction, grads[name],

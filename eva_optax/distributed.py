@@ -1,0 +1,64 @@
+"""Spreading the preconditioners' refresh over devices (DESIGN §6).
+
+Under data parallelism every device holds the same averaged statistics, so by default each one
+computes every inverse (K-FAC, FOOF) and inverse root (Shampoo) of a refresh: redundant work
+whose cost does not fall as devices are added. :func:`vmap_over_devices` instead stacks equal-
+sized matrices, gives each device of a mesh a contiguous slice of the stack (``jax.shard_map``)
+and gathers the results, so a refresh costs each device about ``1/devices`` of the work plus one
+all-gather of the results. The results are identical to the local computation: every matrix is
+processed by the same function, only on another device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def check_mesh(refresh_mesh, who: str) -> None:
+  """Raises ``TypeError`` unless ``refresh_mesh`` is ``None`` or a ``jax.sharding.Mesh``."""
+  if refresh_mesh is not None and not isinstance(refresh_mesh, jax.sharding.Mesh):
+    raise TypeError(f"eva_optax: {who}'s refresh_mesh must be a jax.sharding.Mesh (e.g. "
+                    f"jax.make_mesh((8,), ('data',))) or None, got {type(refresh_mesh).__name__}.")
+
+
+def vmap_over_devices(fn: Callable, *stacks, mesh: Optional[jax.sharding.Mesh]):
+  """``jax.vmap(fn)(*stacks)``, with the stack's slices divided among ``mesh``'s devices.
+
+  Args:
+    fn: the per-slice computation (arrays in, a pytree of arrays out).
+    *stacks: arrays with a common leading axis of length k.
+    mesh: the devices to spread over (all of its axes); ``None`` computes locally.
+
+  Returns:
+    ``jax.vmap(fn)(*stacks)``, replicated over ``mesh``. The stack is padded to a multiple of
+    the device count with copies of its first slice (a valid input; the copies' results are
+    dropped), each device maps ``fn`` over its own contiguous slice inside ``jax.shard_map``,
+    and the results are gathered. Works under ``jax.jit`` with automatic and with explicit
+    (``AxisType.Explicit``) mesh axes; not inside ``pmap``/``shard_map`` (their axes are
+    manual).
+  """
+  if mesh is None:
+    return jax.vmap(fn)(*stacks)
+  k = stacks[0].shape[0]
+  padded = math.ceil(k / mesh.size) * mesh.size
+  spread = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+  stacks = [_placed(jnp.concatenate([x, jnp.broadcast_to(x[:1], (padded - k, *x.shape[1:]))])
+                    if padded > k else x, spread) for x in stacks]
+  out = jax.shard_map(jax.vmap(fn), mesh=mesh, in_specs=spread.spec, out_specs=spread.spec,
+                      check_vma=False)(*stacks)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda y: _placed(y, replicated)[:k], out)
+
+
+def _placed(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  """``x`` laid out as ``sharding``: ``reshard`` on explicit mesh axes (where the layout is
+  part of the type), a sharding constraint on automatic ones."""
+  explicit = all(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)
+  if explicit:
+    return jax.sharding.reshard(x, sharding)
+  return jax.lax.with_sharding_constraint(x, sharding)
