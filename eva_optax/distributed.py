@@ -62,3 +62,49 @@ def _placed(x: jax.Array, sharding: NamedSharding) -> jax.Array:
   if explicit:
     return jax.sharding.reshard(x, sharding)
   return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def state_shardings(tx, params):
+  """``NamedSharding``s for ``tx.init(params)`` that lay the state out like the params.
+
+  The layout is the one ``tx.init`` gives under explicit mesh axes (``AxisType.Explicit``),
+  where every array's sharding is part of its type: state shaped like a param (momentum,
+  Shampoo's graft accumulators) is sharded like it, Eva-s' per-mode vectors like the param's
+  axes, and the per-layer statistics, Kronecker factors, inverses and roots are replicated
+  (each device's shard of a direction is a product with the whole factor, as kfac-jax keeps
+  its factors whole).
+
+  Under automatic mesh axes ``jax.jit(tx.init)`` cannot infer this (zeros are not computed
+  from the params), so pass it: ``jax.jit(tx.init, out_shardings=state_shardings(tx,
+  params))``; the training step then keeps the layout. Under explicit axes ``tx.init``
+  already returns it.
+
+  Args:
+    tx: any optax ``GradientTransformation``.
+    params: the parameters as placed (arrays with ``NamedSharding``s, or
+      ``jax.ShapeDtypeStruct``s with ``sharding``), all on one mesh.
+
+  Returns:
+    A pytree of ``NamedSharding`` on the params' mesh with the structure of
+    ``tx.init(params)``.
+
+  Raises:
+    ValueError: no param has a ``NamedSharding``, or the params use several meshes.
+  """
+  leaves = jax.tree.leaves(params)
+  meshes = {x.sharding.mesh for x in leaves
+            if isinstance(getattr(x, "sharding", None), NamedSharding)}
+  if len(meshes) != 1:
+    raise ValueError("eva_optax: state_shardings needs params placed with NamedShardings on one "
+                     f"mesh (found {len(meshes)} meshes); place them with jax.device_put(params, "
+                     "NamedSharding(mesh, spec)) first.")
+  mesh = meshes.pop()
+  explicit = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                               axis_types=(jax.sharding.AxisType.Explicit,) * mesh.devices.ndim)
+  typed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(explicit, x.sharding.spec)), params)
+  with jax.set_mesh(explicit):
+    state = jax.eval_shape(tx.init, typed)
+  # Constants (a step count made by jnp.zeros) come back without a sharding: replicated.
+  return jax.tree.map(lambda x: NamedSharding(
+      mesh, PartitionSpec() if x.sharding is None else x.sharding.spec), state)

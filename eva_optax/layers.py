@@ -259,10 +259,7 @@ class LayerView(NamedTuple):
       projection = projection + shift
       product = kernel_gradient(projection)
     else:
-      rows = self.input_rows(x)
-      projection = jnp.matmul(rows, weights, precision=jax.lax.Precision.HIGHEST) + shift
-      # A product and a sum over rows: the rows may be explicitly batch-sharded.
-      product = jnp.sum(rows * projection[:, None], axis=0)
+      product, projection = gram_product(self.input_rows(x), weights, shift)
     if self.has_bias:
       product = jnp.concatenate([product, jnp.sum(projection)[None]])
     return product / projection.size
@@ -276,8 +273,12 @@ class LayerView(NamedTuple):
 def augmented_gram(rows: jax.Array, has_bias: bool) -> jax.Array:
   """mean over rows of [a; 1][a; 1]ᵀ (``has_bias``) or of a aᵀ, float32 ``[d (+1), d (+1)]``."""
   if has_bias:
-    # ones_like of a column keeps a batch-sharded rows' sharding (explicit meshes need it).
-    rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)
+    # On an explicit mesh feature-sharded rows (the input of a row-parallel layer) are
+    # gathered, A being whole on every device anyway, and the column of ones is made with the
+    # rows' batch sharding.
+    rows = sharded_as(rows, (spec(rows)[0], None))
+    ones = sharded_as(jnp.ones((rows.shape[0], 1), rows.dtype), spec(rows), explicit_mesh(rows))
+    rows = jnp.concatenate([rows, ones], axis=1)
   return gram(rows) / rows.shape[0]
 
 
@@ -290,6 +291,14 @@ def gram(rows: jax.Array) -> jax.Array:
   mesh = explicit_mesh(rows)
   out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST, out_sharding=out)
+
+
+def gram_product(rows: jax.Array, vector: jax.Array, shift=0.0) -> tuple[jax.Array, jax.Array]:
+  """``(rowsᵀ p, p)`` with the projections p = rows v + shift ``(rows,)``: a product with the
+  Gram of ``[rows, 1]`` in O(rows·d), no d × d matrix (a product and a sum over rows, so the
+  rows may be explicitly batch-sharded)."""
+  projection = jnp.matmul(rows, vector, precision=jax.lax.Precision.HIGHEST) + shift
+  return jnp.sum(rows * projection[:, None], axis=0), projection
 
 
 def _images(conv: ConvSpec, x: jax.Array) -> jax.Array:

@@ -200,3 +200,30 @@ def test_transformer_step_benchmark_runs_and_reports_every_layer_kind(tmp_path):
   assert any(name.endswith("key") for name in layers) and "head" in layers
   assert results["capture_overhead"]["capture"] > 0
   assert json.loads((tmp_path / "out.json").read_text())["eva"]["diagnostics"] == layers
+
+
+def test_sharding_memory_counts_shards_of_params_and_state(tmp_path):
+  # The 8 fake devices of conftest.py give the 2 × 4 mesh. Per device: SGD-momentum's params and
+  # momentum are sharded by the same rule, so they shrink alike; K-FAC's replicated factors do
+  # not shrink, so its ratio is larger.
+  from benchmarks import sharding_memory
+  (tmp_path / "tinyshakespeare").mkdir()
+  (tmp_path / "tinyshakespeare" / "input.txt").write_text("to be, or not to be:\n" * 300)
+  results = sharding_memory.main(["--data-dir", str(tmp_path), "--optimizers",
+                                  "sgd_nesterov,kfac"])
+  sgd, kfac = results["sgd_nesterov"], results["kfac"]
+  assert sgd["sharded"] < sgd["replicated"] / 4
+  assert kfac["replicated"] > sgd["replicated"]
+  assert kfac["sharded"] / kfac["replicated"] > sgd["sharded"] / sgd["replicated"]
+
+
+def test_refresh_cost_times_redundant_and_spread_refreshes(tmp_path):
+  from benchmarks import refresh_cost
+  out = tmp_path / "refresh.json"
+  refresh_cost.main(["--devices", "1,2", "--widths", "8", "--layers", "3", "--repeats", "1",
+                     "--methods", "kfac_cholesky,shampoo_newton", "--out", str(out)])
+  table = json.loads(out.read_text())["by_devices"]
+  assert set(table) == {"kfac_cholesky/8", "shampoo_newton/8"}
+  for rows in table.values():
+    assert [r["devices"] for r in rows] == [1, 2]
+    assert all(r["redundant"] > 0 and r["spread"] > 0 for r in rows)

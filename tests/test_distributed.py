@@ -33,9 +33,9 @@ def _spd_stack(key, k, n):
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
-@pytest.mark.parametrize("k", [1, 5, 8])
+@pytest.mark.parametrize("k", [1, 5])
 def test_vmap_over_devices_equals_vmap_and_splits_the_stack(axis_type, k):
-  # k = 1 and 5 need padding to a multiple of the 4 devices; the padded slices are dropped.
+  # k = 1 and 5 need padding to a multiple of the 4 mesh devices; the padded slices are dropped.
   stack = _spd_stack(jax.random.key(k), k, 6)
   mesh = _mesh(axis_type)
   fn = functools.partial(damped_inverse, damping=1e-3)
@@ -97,8 +97,6 @@ def _train(tx, kind):
 ROWS = [
     pytest.param(functools.partial(eva_optax.kfac, inverse_update_period=2, layouts=_LAYOUTS),
                  "kronecker_factors", id="kfac"),
-    pytest.param(functools.partial(eva_optax.kfac, inverse="eigh", layouts=_LAYOUTS),
-                 "kronecker_factors", id="kfac_eigh"),
     pytest.param(functools.partial(eva_optax.foof, inverse_update_period=2, layouts=_LAYOUTS),
                  "activation_factor", id="foof"),
     pytest.param(functools.partial(eva_optax.shampoo, block_size=4), None, id="shampoo"),

@@ -8,7 +8,10 @@
 #   B. step times, every optimizer interleaved in one process alone on the GPU (the wall-clock
 #      figures: steps to target × this median step time);
 #   C. the refresh cost of K-FAC and Shampoo against the layer width (benchmarks/refresh_cost.py).
-# A run not finished by its phase's deadline is dropped (its file is missing), never cut short.
+# A run still going at its phase's deadline is stopped; its .partial.json keeps the evaluations
+# so far. Before spending a lease on it, check the machine's JAX in a first short call, each
+# command under `timeout` (RESULTS.md "GPU protocol": a bare `python -c "import jax;
+# jax.devices()"` once hung a whole lease).
 #   DATA=../shared/data OUT=benchmarks/out/gpu_lease bash benchmarks/protocols/gpu_lease.sh
 set -uo pipefail
 DATA=${DATA:-${EVA_OPTAX_DATA:-../shared/data}}

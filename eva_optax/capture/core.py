@@ -68,16 +68,10 @@ def _output_per_example(view, ct, batch_size, examples, probe):
   return batch_size * jnp.sum(rows.reshape(examples, -1, rows.shape[-1]), axis=1)
 
 
-def _power_product(rows: jax.Array, vector: jax.Array) -> jax.Array:
-  """rowsᵀ (rows v), ``(d,)``: one product with the Gram of ``rows`` in O(rows·d), no d × d
-  matrix (a product and a sum over rows: the rows may be explicitly batch-sharded)."""
-  projection = jnp.matmul(rows, vector, precision=jax.lax.Precision.HIGHEST)
-  return jnp.sum(rows * projection[:, None], axis=0)
-
-
 def _output_power(view, ct, batch_size, examples, probe):
   """G v̂ with G the output factor of :func:`_output_factor` and v̂ the probe's unit vector."""
-  return (batch_size * batch_size / examples) * _power_product(view.output_rows(ct), probe)
+  product, _ = layers.gram_product(view.output_rows(ct), probe)
+  return (batch_size * batch_size / examples) * product
 
 
 # Forward reductions: (view, x, y, probe) -> array; backward: (view, ct, batch_size, examples,
