@@ -22,8 +22,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 def check_mesh(refresh_mesh, who: str) -> None:
   """Raises ``TypeError`` unless ``refresh_mesh`` is ``None`` or a ``jax.sharding.Mesh``."""
   if refresh_mesh is not None and not isinstance(refresh_mesh, jax.sharding.Mesh):
+    # A Mesh is callable, so optax.inject_hyperparams takes it for a schedule unless static.
+    hint = (" Under optax.inject_hyperparams pass static_args=('refresh_mesh',) (a Mesh is "
+            "callable and would be taken for a schedule)." if callable(refresh_mesh) else "")
     raise TypeError(f"eva_optax: {who}'s refresh_mesh must be a jax.sharding.Mesh (e.g. "
-                    f"jax.make_mesh((8,), ('data',))) or None, got {type(refresh_mesh).__name__}.")
+                    f"jax.make_mesh((8,), ('data',))) or None, got "
+                    f"{type(refresh_mesh).__name__}.{hint}")
 
 
 def vmap_over_devices(fn: Callable, *stacks, mesh: Optional[jax.sharding.Mesh]):

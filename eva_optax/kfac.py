@@ -189,7 +189,8 @@ def scale_by_kfac(
       ``jax.sharding.Mesh``: the inverses of all layers (A's and G's alike) are grouped by
       size and each device of the mesh computes a slice of each group, then the results are
       gathered (:func:`eva_optax.distributed.vmap_over_devices`): the same inverses for
-      ~1/devices of the work, under ``jax.jit`` (not inside ``pmap``/``shard_map``).
+      ~1/devices of the work, under ``jax.jit`` (not inside ``pmap``/``shard_map``). With
+      ``optax.inject_hyperparams`` list it in ``static_args`` (a Mesh is callable).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``

@@ -40,7 +40,7 @@ ROOT_METHODS = ("newton", "eigh")
 # ``optax.inject_hyperparams(eva_optax.shampoo, static_args=SHAMPOO_STATIC_ARGS)``.
 SHAMPOO_STATIC_ARGS = ("block_size", "start_preconditioning_step",
                        "preconditioning_compute_steps", "exponent_override",
-                       "skip_preconditioning_dim_size_gt")
+                       "skip_preconditioning_dim_size_gt", "refresh_mesh")
 
 
 class ShampooState(NamedTuple):

@@ -56,6 +56,18 @@ def test_refresh_mesh_must_be_a_mesh():
     eva_optax.kfac(0.1, refresh_mesh=("data",))
 
 
+def test_refresh_mesh_under_inject_hyperparams_is_a_static_arg():
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2))}}
+  mesh = _mesh(AxisType.Auto)
+  # A Mesh is callable: without static_args inject_hyperparams wraps it as a schedule.
+  with pytest.raises(TypeError, match=r"static_args=\('refresh_mesh',\)"):
+    optax.inject_hyperparams(eva_optax.foof)(0.1, refresh_mesh=mesh).init(params)
+  optax.inject_hyperparams(eva_optax.foof, static_args=("refresh_mesh",))(
+      0.1, refresh_mesh=mesh).init(params)
+  optax.inject_hyperparams(eva_optax.shampoo, static_args=eva_optax.SHAMPOO_STATIC_ARGS)(
+      0.1, refresh_mesh=mesh).init(params)
+
+
 # Dense layers of two sizes and a 3-layer stack (nn.scan style): groups of equal-sized matrices
 # across layers and a stack's slices, with and without a bias column in A.
 _PARAMS = {"a": {"kernel": (6, 5), "bias": (5,)}, "b": {"kernel": (5, 5)},
