@@ -1,5 +1,5 @@
 """Sharded parameters (FSDP / tensor-parallel layouts, DESIGN §6): every optimizer of
-test_common trains a stock-Flax model whose params are laid out on a 2 × 4 ``data × model`` mesh,
+test_common (one configuration each) trains a stock-Flax model whose params are laid out on a 2 × 4 ``data × model`` mesh,
 with the batch on ``data``, exactly like one device, in both sharding modes — automatic axes
 (``jax.device_put`` with ``NamedSharding``, the compiler propagates layouts) and explicit axes
 (``AxisType.Explicit``, layouts in the types) — and its state laid out like the params: every
@@ -115,8 +115,14 @@ def _placer(mesh, explicit):
   return place
 
 
+# One row per optimizer: the configuration variants of test_common (Eva's damping modes and
+# scalings, K-FAC's eigh) change no array's layout, and the suite has a time budget.
+SHARDED_ROWS = [row for row in ROWS if row.id in (
+    "eva", "kfac", "foof", "eva_f", "shampoo", "eva_s", "kbfgs", "kbfgs_l")]
+
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["auto", "explicit"])
-@pytest.mark.parametrize("factory,statistics,hparams", ROWS)
+@pytest.mark.parametrize("factory,statistics,hparams", SHARDED_ROWS)
 def test_sharded_params_train_like_one_device_with_state_laid_out_alike(
     factory, statistics, hparams, explicit, request):
   assert len(jax.devices()) >= 8, "conftest.py provides 8 fake CPU devices"
