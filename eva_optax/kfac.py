@@ -148,6 +148,43 @@ def _identity_inverses(d_in, d_out, has_bias) -> KFACInverses:
                       jnp.eye(d_out, dtype=jnp.float32))
 
 
+def _kfac_preconditioner(damping, inverse_update_period, inverse: str,
+                         refresh_mesh) -> transform.Preconditioner:
+  """K-FAC's per-layer inverses (A + π√γ I)⁻¹, (G + √γ/π I)⁻¹, refreshed every period (all
+  layers at once, spread over ``refresh_mesh``, when given), and its direction A⁻¹ Ĝ G⁻¹."""
+  def update(stats, state, count):
+    def compute():
+      damp_a, damp_g = factored_damping(stats.a, stats.g, damping)
+      return KFACInverses(damped_inverse(stats.a, damp_a, inverse),
+                          damped_inverse(stats.g, damp_g, inverse))
+    return refresh_every(inverse_update_period, count, compute, state)
+
+  def update_all(stats, states, count):
+    def compute():
+      a = [flat_stack(s.a) for s in stats.values()]
+      g = [flat_stack(s.g) for s in stats.values()]
+      damp_a, damp_g = zip(*[jax.vmap(factored_damping, (0, 0, None))(x, y, damping)
+                             for x, y in zip(a, g)])
+      inverses = damped_inverses(a + g, list(damp_a + damp_g), inverse, refresh_mesh)
+      return {name: KFACInverses(inverses[i].reshape(s.a.shape),
+                                 inverses[len(a) + i].reshape(s.g.shape))
+              for i, (name, s) in enumerate(stats.items())}
+    return refresh_all_every(inverse_update_period, count, compute, states)
+
+  def apply(stats, state, grad_matrix):
+    del stats
+    # On an explicit mesh Ĝ's columns may be sharded (layers.matrix_spec): the right factor
+    # contracts them, so the product's sharding (Ĝ's) is spelled out.
+    mesh = layers.explicit_mesh(grad_matrix)
+    out = None if mesh is None else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*layers.spec(grad_matrix)))
+    return jnp.matmul(jnp.matmul(state.a, grad_matrix, precision=_HIGHEST), state.g,
+                      precision=_HIGHEST, out_sharding=out)
+
+  return transform.Preconditioner(_identity_inverses, update, apply,
+                                  None if refresh_mesh is None else update_all)
+
+
 def scale_by_kfac(
     damping: float = 1e-3,
     *,
@@ -211,39 +248,9 @@ def scale_by_kfac(
   check_inverse_options(damping, inverse_update_period, inverse, stat_decay)
   distributed.check_mesh(refresh_mesh, "kfac")
 
-  def update(stats, state, count):
-    def compute():
-      damp_a, damp_g = factored_damping(stats.a, stats.g, damping)
-      return KFACInverses(damped_inverse(stats.a, damp_a, inverse),
-                          damped_inverse(stats.g, damp_g, inverse))
-    return refresh_every(inverse_update_period, count, compute, state)
-
-  def update_all(stats, states, count):
-    def compute():
-      a = [flat_stack(s.a) for s in stats.values()]
-      g = [flat_stack(s.g) for s in stats.values()]
-      damp_a, damp_g = zip(*[jax.vmap(factored_damping, (0, 0, None))(x, y, damping)
-                             for x, y in zip(a, g)])
-      inverses = damped_inverses(a + g, list(damp_a + damp_g), inverse, refresh_mesh)
-      return {name: KFACInverses(inverses[i].reshape(s.a.shape),
-                                 inverses[len(a) + i].reshape(s.g.shape))
-              for i, (name, s) in enumerate(stats.items())}
-    return refresh_all_every(inverse_update_period, count, compute, states)
-
-  def apply(stats, state, grad_matrix):
-    del stats
-    # On an explicit mesh Ĝ's columns may be sharded (layers.matrix_spec): the right factor
-    # contracts them, so the product's sharding (Ĝ's) is spelled out.
-    mesh = layers.explicit_mesh(grad_matrix)
-    out = None if mesh is None else jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(*layers.spec(grad_matrix)))
-    return jnp.matmul(jnp.matmul(state.a, grad_matrix, precision=_HIGHEST), state.g,
-                      precision=_HIGHEST, out_sharding=out)
-
   return transform.scale_by_kronecker(
       collectors.kronecker_factors(stat_decay),
-      transform.Preconditioner(_identity_inverses, update, apply,
-                               None if refresh_mesh is None else update_all),
+      _kfac_preconditioner(damping, inverse_update_period, inverse, refresh_mesh),
       transform.scaling_by_name(scaling, kl_clip, learning_rate), layouts, name="kfac")
 
 

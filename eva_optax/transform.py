@@ -370,13 +370,7 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
       stats[name] = collector.update(state.stats[name], record, state.count)
       layer_stats[name] = (per_slice(name, collector.with_bias)(stats[name])
                            if "bias" in grads[name] else stats[name])
-    if preconditioner.update_all is not None:
-      pstates.update(preconditioner.update_all(
-          layer_stats, {name: pstates[name] for name in captured}, state.count))
-    else:
-      for name in captured:
-        pstates[name] = per_slice(name, preconditioner.update, (0, 0, None))(
-            layer_stats[name], pstates[name], state.count)
+    pstates.update(_refreshed(preconditioner, layer_stats, pstates, state.count, per_slice))
     directions, matrices = {}, {}
     for name in captured:
       matrices[name] = layers.to_matrix(grads[name], layouts.get(name, layers.Layout()))
@@ -391,6 +385,16 @@ def scale_by_kronecker(collector: collectors.Collector, preconditioner: Precondi
                                           preconditioner=pstates, stats=stats)
 
   return guards.guarded(optax.GradientTransformationExtraArgs(init_fn, update_fn), name)
+
+
+def _refreshed(preconditioner: Preconditioner, layer_stats: dict, pstates: dict, count,
+               per_slice: Callable) -> dict:
+  """The captured layers' new preconditioner states: one ``update_all`` over every layer when
+  the preconditioner has it, else each layer's ``update`` (mapped over a stack's slices)."""
+  if preconditioner.update_all is not None:
+    return preconditioner.update_all(layer_stats, {n: pstates[n] for n in layer_stats}, count)
+  return {name: per_slice(name, preconditioner.update, (0, 0, None))(stats, pstates[name], count)
+          for name, stats in layer_stats.items()}
 
 
 def replace_layers(updates, new: Mapping[str, Mapping[str, jax.Array]],
