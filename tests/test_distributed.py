@@ -142,3 +142,9 @@ def test_a_refresh_mesh_really_distributes_the_inverses():
   # 5×5 group: G of a, b and the stack's 3 slices + A of b = 6 matrices → 2 per device.
   assert re.search(r"f32\[2,5,5\]", compiled)
   assert "all-gather" in compiled
+
+
+def test_state_shardings_needs_placed_params():
+  params = {"Dense_0": {"kernel": jax.ShapeDtypeStruct((3, 2), jnp.float32)}}
+  with pytest.raises(ValueError, match="place them with jax.device_put"):
+    distributed.state_shardings(eva_optax.eva(0.1), params)
