@@ -68,6 +68,16 @@ def _per_task(digits_mlp, mnist_autoencoder, mnist_mlp, mnist_cnn, cifar10_resne
   return {task: lr for task, lr in lrs.items() if lr is not None}
 
 
+# Eva's learning rates per task (issue 2's and 13's tuning).
+_EVA_LRS = _per_task(0.3, 0.5, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1)
+
+
+def _eva_variant(statistics: str, **capture) -> OptimizerSpec:
+  """Eva with other ``statistics`` (issue 14's arms) at Eva's learning rates."""
+  return OptimizerSpec(functools.partial(eva_optax.eva, statistics=statistics), statistics,
+                       _EVA_LRS, diagnostics=_eva_diagnostics, capture=capture)
+
+
 def sgd_nesterov(learning_rate, *, momentum: float = 0.9, weight_decay: float = 5e-4):
   """The standard CIFAR recipe: SGD with Nesterov momentum and L2 weight decay added to the
   gradient (``optax.add_decayed_weights`` before ``optax.sgd``)."""
@@ -131,21 +141,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         None, None, None, None, cifar10_resnet=1e-3, shakespeare_char=1e-3)),
     "muon": OptimizerSpec(muon, None, _per_task(
         None, None, None, None, cifar10_resnet=0.02, shakespeare_char=0.02), needs_model=True),
-    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(
-        0.3, 0.5, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1),
+    "eva": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _EVA_LRS,
                          diagnostics=_eva_diagnostics),
     # Issue 14's variants (benchmarks/RESULTS.md): the leading eigenvectors of the Kronecker
-    # factors instead of the means; the reference's statistics on the first 16 examples of each
-    # batch (its kfac_batch_size). Eva's learning rates, not re-tuned.
-    "eva_eigen": OptimizerSpec(functools.partial(eva_optax.eva,
-                                                 statistics="kronecker_eigenvectors"),
-                               "kronecker_eigenvectors", _per_task(
-        0.3, 0.5, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1),
-                               diagnostics=_eva_diagnostics),
-    "eva_subset": OptimizerSpec(eva_optax.eva, "kronecker_vectors", _per_task(
-        0.3, 0.5, 0.1, 0.1, cifar10_resnet=0.1, shakespeare_char=0.1),
-                                diagnostics=_eva_diagnostics,
-                                capture={"statistics_batch_size": 16}),
+    # factors instead of the means; the empirical Fisher's leading Kronecker-product
+    # eigenvector (a, g coupled per row); the reference's statistics on the first 16 examples
+    # of each batch (its kfac_batch_size). Eva's learning rates, not re-tuned.
+    "eva_eigen": _eva_variant("kronecker_eigenvectors"),
+    "eva_fisher": _eva_variant("fisher_eigenvectors"),
+    "eva_subset": _eva_variant("kronecker_vectors", statistics_batch_size=16),
     # Autoencoder: the KL clip binds at lr 300, so the step is √κ-normalized (capped by the cosine
     # schedule's lr); γ = 10, κ = 3 sit in the region of the grid (RESULTS.md, issue 3) where
     # every neighbour also trained.

@@ -114,6 +114,31 @@ class KroneckerEigenvectors(NamedTuple):
   g: jax.Array
 
 
+class FisherEigenvectors(NamedTuple):
+  """Statistics of Eva's Fisher-eigenvector variant (:func:`eva_optax.eva` with
+  ``statistics="fisher_eigenvectors"``), float32, in per-example units.
+
+  One step of an alternating power iteration toward the leading Kronecker-product eigenvector
+  u ⊗ v of the layer's empirical Fisher in the expand setting, F = mean over examples of
+  Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ (a the input row, [a; 1] with a bias; g = B·∂L/∂y), without
+  forming F: with û, v̂ the unit vectors of the running estimates before this step (the
+  capture's ``eigenvector_estimates``),
+
+  Attributes:
+    a: ``(d_in [+1],)`` (I ⊗ v̂ᵀ) F (û ⊗ v̂) = mean over examples of Σ_rows a (aᵀû)(gᵀv̂)².
+    g: ``(d_out,)`` (ûᵀ ⊗ I) F (û ⊗ v̂) = mean over examples of Σ_rows g (gᵀv̂)(aᵀû)².
+
+  At a fixed point both running averages are λ times their unit vectors, λ = (u ⊗ v)ᵀ F (u ⊗ v),
+  a local maximum of the Rayleigh quotient over Kronecker products u ⊗ v reached by alternating
+  maximisation (not always the global one), and F̃ = λ (u uᵀ) ⊗ (v vᵀ). Unlike
+  :class:`KroneckerEigenvectors`, a and g are coupled row by row, so u ⊗ v is a direction of
+  large per-row gradient energy vec(a gᵀ), not a product of two factors' separate directions.
+  """
+
+  a: jax.Array
+  g: jax.Array
+
+
 # The `statistics` names of eva_optax.flax.value_and_grad and the records they produce.
 RECORDS: dict[str, type] = {
     "kronecker_vectors": KroneckerVectors,
@@ -122,6 +147,7 @@ RECORDS: dict[str, type] = {
     "activation_vector": ActivationVector,
     "output_vectors": OutputVectors,
     "kronecker_eigenvectors": KroneckerEigenvectors,
+    "fisher_eigenvectors": FisherEigenvectors,
 }
 
 
@@ -225,6 +251,22 @@ def kronecker_eigenvectors(stat_decay: float) -> Collector:
   unchanged, and the estimate would never move again."""
   return _collector(KroneckerEigenvectors, lambda d_in, d_aug, d_out: ((d_aug,), (d_out,)),
                     stat_decay)
+
+
+def fisher_eigenvectors(stat_decay: float) -> Collector:
+  """The alternating power iteration's (I ⊗ v̂ᵀ)F(û ⊗ v̂), (ûᵀ ⊗ I)F(û ⊗ v̂) (O(d_in + d_out)
+  state per layer; ``a`` bias-augmented already); no scale-jump rejection, as
+  :func:`kronecker_eigenvectors`."""
+  return _collector(FisherEigenvectors, lambda d_in, d_aug, d_out: ((d_aug,), (d_out,)),
+                    stat_decay)
+
+
+def fisher_rank_one_vectors(stats: FisherEigenvectors) -> KroneckerVectors:
+  """Vectors (λ^½ u, v) with u, v the unit running estimates and λ = √(‖m_a‖‖m_g‖) (both norms
+  estimate the same eigenvalue), so that Eva's signal ‖a‖²‖g‖² is λ and its rank-one curvature
+  λ (u uᵀ) ⊗ (v vᵀ). Overflow-safe (logarithms of the norms)."""
+  (unit_a, log_a), (unit_g, log_g) = linalg.unit_vector(stats.a), linalg.unit_vector(stats.g)
+  return KroneckerVectors(unit_a * jnp.exp(0.25 * (log_a + log_g)), unit_g)
 
 
 def rank_one_vectors(stats: KroneckerEigenvectors) -> KroneckerVectors:

@@ -24,10 +24,13 @@ from eva_optax import collectors, layers, linalg, transform
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DAMPING_MODES = ("absolute", "relative")
-# Eva's statistics: the mean vectors ā, ḡ (the paper's) or the leading eigenvectors of the
-# Kronecker factors (power iteration), by the capture's statistics name.
+# Eva's statistics: the mean vectors ā, ḡ (the paper's), the leading eigenvectors of the
+# Kronecker factors or the Fisher's leading Kronecker-product eigenvector (power iterations),
+# by the capture's statistics name.
 STATISTICS = {"kronecker_vectors": collectors.kronecker_vectors,
-              "kronecker_eigenvectors": collectors.kronecker_eigenvectors}
+              "kronecker_eigenvectors": collectors.kronecker_eigenvectors,
+              "fisher_eigenvectors": collectors.fisher_eigenvectors}
+_ITERATED = (collectors.KroneckerEigenvectors, collectors.FisherEigenvectors)
 # The package's global scalings plus Eva's trust region (kl_clip's formula on V itself).
 SCALINGS = transform.SCALINGS + ("trust_region",)
 
@@ -123,6 +126,8 @@ def layer_vectors(stats, has_bias: bool) -> collectors.KroneckerVectors:
   for a bias), or √λ u, √λ v from the power-iteration estimates (augmented already)."""
   if isinstance(stats, collectors.KroneckerEigenvectors):
     return collectors.rank_one_vectors(stats)
+  if isinstance(stats, collectors.FisherEigenvectors):
+    return collectors.fisher_rank_one_vectors(stats)
   return collectors.vectors_with_bias(stats) if has_bias else stats
 
 
@@ -197,6 +202,15 @@ def scale_by_eva(
       matrix–vector passes per layer in the capture (a conv: two one-channel convolutions).
       Measured (benchmarks/RESULTS.md, issue 14): it engages the correction there but does not
       beat the means.
+      ``"fisher_eigenvectors"``: the leading Kronecker-product eigenvector u ⊗ v of the
+      layer's empirical Fisher F = mean over examples of Σ_rows vec(a gᵀ)vec(a gᵀ)ᵀ (expand
+      setting), by an alternating power iteration (:class:`~eva_optax.FisherEigenvectors`),
+      so F̃ = λ (u uᵀ) ⊗ (v vᵀ): a and g are coupled per row, so the direction is one of large
+      per-row gradient energy, which the Fisher keeps where the batch means cancel. Same
+      ``eigenvector_estimates`` plumbing, approximation and convergence as the previous;
+      cost: one projection of the input and one of the output gradient per row and their
+      weighted sums (a conv: one one-channel convolution and its kernel gradient), in the
+      backward pass, with the layer input as residual.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
@@ -328,18 +342,19 @@ def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
 
 def eigenvector_estimates(opt_state) -> dict:
   """The running power-iteration estimates of an Eva optimizer state built with
-  ``statistics="kronecker_eigenvectors"``, for the next capture call's
-  ``eigenvector_estimates=`` (``{layer: KroneckerEigenvectors}``, stack axes leading).
+  ``statistics="kronecker_eigenvectors"`` or ``"fisher_eigenvectors"``, for the next capture
+  call's ``eigenvector_estimates=`` (``{layer: KroneckerEigenvectors | FisherEigenvectors}``,
+  stack axes leading).
 
   Raises:
     ValueError: ``opt_state`` holds no such Eva state (or several).
   """
   records = [stats for _, stats in optax.tree_utils.tree_get_all_with_path(opt_state, "stats")
              if isinstance(stats, Mapping) and stats and all(
-                 isinstance(r, collectors.KroneckerEigenvectors) for r in stats.values())]
+                 isinstance(r, _ITERATED) for r in stats.values())]
   if len(records) != 1:
     raise ValueError(
         "eva_optax: eigenvector_estimates needs the state of one Eva optimizer built with "
-        f"statistics='kronecker_eigenvectors'; found {len(records)} such statistics in "
-        "opt_state.")
+        "statistics='kronecker_eigenvectors' or 'fisher_eigenvectors'; found "
+        f"{len(records)} such statistics in opt_state.")
   return dict(records[0])

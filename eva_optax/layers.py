@@ -264,6 +264,30 @@ class LayerView(NamedTuple):
       product = jnp.concatenate([product, jnp.sum(projection)[None]])
     return product / projection.size
 
+  def fisher_products(self, x: jax.Array, output_rows: jax.Array, u: jax.Array,
+                      v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(Σ_rows a (aᵀu)(gᵀv)², Σ_rows g (gᵀv)(aᵀu)²)``, float32 ``(d_in [+1],)`` and
+    ``(d_out,)``: the contractions (I ⊗ vᵀ) F (u ⊗ v) and (uᵀ ⊗ I) F (u ⊗ v) of the rows' Fisher
+    F = Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ with a the input row (bias-augmented with a bias) and g the
+    matching row of ``output_rows`` ``[rows, d_out]``, in O(rows·(d_in + d_out)) without F or,
+    for a conv, im2col patches (as :meth:`input_factor_product`)."""
+    weights, shift = (u[:-1], u[-1]) if self.has_bias else (u, 0.0)
+    out_projection = jnp.matmul(output_rows, v, precision=jax.lax.Precision.HIGHEST)
+    if self.conv is not None:
+      projection, kernel_gradient = _conv_projection(self.conv, _images(self.conv, x), weights)
+      projection = projection + shift
+      weight = projection * out_projection.reshape(projection.shape) ** 2
+      product = kernel_gradient(weight)
+    else:
+      rows = self.input_rows(x)
+      projection = jnp.matmul(rows, weights, precision=jax.lax.Precision.HIGHEST) + shift
+      weight = projection * out_projection ** 2
+      product = jnp.sum(rows * weight[:, None], axis=0)
+    if self.has_bias:
+      product = jnp.concatenate([product, jnp.sum(weight)[None]])
+    output_weight = out_projection * projection.reshape(out_projection.shape) ** 2
+    return product, jnp.sum(output_rows * output_weight[:, None], axis=0)
+
   def per_example_input(self, x: jax.Array) -> jax.Array:
     """The input averaged over each example's rows (positions), float32 ``[B, d_in]``."""
     rows = self.input_rows(x)

@@ -92,12 +92,12 @@ def _flat(tree):
   return collectors.flatten_curvature(tree)
 
 
-def _random_estimates(factors, seed=3):
+def _random_estimates(factors, seed=3, record=collectors.KroneckerEigenvectors):
   """Nonzero estimates shaped like the power-iteration records (stack axes leading)."""
   out = {}
   for i, (name, f) in enumerate(_flat(factors).items()):
     ka, kg = jax.random.split(jax.random.key(seed + i))
-    out[name] = collectors.KroneckerEigenvectors(
+    out[name] = record(
         jax.random.normal(ka, f.a.shape[:-1]), jax.random.normal(kg, f.g.shape[:-1]))
   return out
 
@@ -135,12 +135,14 @@ def test_zero_estimates_start_from_a_fixed_vector():
     assert np.linalg.norm(a) > 0
 
 
-def _run_power_iteration(loss_fn, params, x, steps, **eva_kwargs):
-  """``steps`` updates of scale_by_eva (eigenvectors) at fixed params and batch."""
-  capture = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_eigenvectors")
+def _run_power_iteration(loss_fn, params, x, steps, statistics="kronecker_eigenvectors",
+                         **eva_kwargs):
+  """``steps`` updates of scale_by_eva (a power-iteration ``statistics``) at fixed params and
+  batch."""
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics)
   layouts = capture.describe(params, x).layouts
-  tx = eva_optax.scale_by_eva(statistics="kronecker_eigenvectors", scaling=None,
-                              layouts=layouts, **eva_kwargs)
+  tx = eva_optax.scale_by_eva(statistics=statistics, scaling=None, layouts=layouts,
+                              **eva_kwargs)
   state = tx.init(params)
   capture = jax.jit(capture)
   for _ in range(steps):
@@ -243,15 +245,19 @@ def test_nnx_capture_matches_the_dense_factors():
                                  atol=1e-5 * np.abs(expected).max())
 
 
+_RECORDS = {"kronecker_eigenvectors": collectors.KroneckerEigenvectors,
+            "fisher_eigenvectors": collectors.FisherEigenvectors}
+
+
 @pytest.mark.parametrize("statistics", ["kronecker_vectors", "kronecker_factors",
-                                        "kronecker_eigenvectors"])
+                                        "kronecker_eigenvectors", "fisher_eigenvectors"])
 def test_statistics_subset_equals_the_statistics_of_the_first_examples(statistics):
   """Per-example units: the first k of a batch of B give what a batch of those k gives."""
   loss_fn, params, x = _problem("scanned_mlp", batch=16)
   kwargs = {}
-  if statistics == "kronecker_eigenvectors":
+  if statistics in _RECORDS:
     kwargs["eigenvector_estimates"] = _random_estimates(
-        _capture(loss_fn, params, x, "kronecker_factors")[1])
+        _capture(loss_fn, params, x, "kronecker_factors")[1], record=_RECORDS[statistics])
   subset = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics,
                                          statistics_batch_size=5)
   (loss, grads), records = subset(params, x, **kwargs)
@@ -264,18 +270,21 @@ def test_statistics_subset_equals_the_statistics_of_the_first_examples(statistic
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6 * np.abs(b).max())
 
 
-def test_pmap_statistics_equal_one_device_on_the_global_batch():
+@pytest.mark.parametrize("statistics", list(_RECORDS))
+def test_pmap_statistics_equal_one_device_on_the_global_batch(statistics):
   loss_fn, params, x = _problem("scanned_mlp", batch=16)
-  estimates = _random_estimates(_capture(loss_fn, params, x, "kronecker_factors")[1])
-  _, single = _capture(loss_fn, params, x, "kronecker_eigenvectors",
-                       eigenvector_estimates=estimates)
-  capture = eva_optax.flax.value_and_grad(loss_fn, statistics="kronecker_eigenvectors",
-                                          axis_name="data")
+  estimates = _random_estimates(_capture(loss_fn, params, x, "kronecker_factors")[1],
+                                record=_RECORDS[statistics])
+  _, single = _capture(loss_fn, params, x, statistics, eigenvector_estimates=estimates)
+  capture = eva_optax.flax.value_and_grad(loss_fn, statistics=statistics, axis_name="data")
   devices = jax.local_device_count()
   per_device = jax.pmap(lambda xs: capture(params, xs, eigenvector_estimates=estimates)[1],
                         axis_name="data")(x.reshape(devices, -1, *x.shape[1:]))
+  # The Fisher's entries are sums of products of four float32 factors whose per-device
+  # partial sums cancel differently: 1e-5 of the largest entry (measured 1.3e-6).
+  scale = 1e-5 if statistics == "fisher_eigenvectors" else 1e-6
   for a, b in zip(jax.tree.leaves(per_device), jax.tree.leaves(single)):
-    np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+    np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=scale * np.abs(b).max())
     np.testing.assert_array_equal(a[0], a[-1])
 
 
@@ -293,6 +302,9 @@ def test_statistics_subset_gives_batchnorm_layers_a_noisy_mean_output_gradient()
     ({"statistics": "kronecker_vectors"}, {"eigenvector_estimates": {}}, "only used with"),
     ({"statistics": "kronecker_eigenvectors"}, {"eigenvector_estimates": {}}, "has no"),
     ({"statistics": "kronecker_eigenvectors", "weight_sharing": "reduce"}, None, "expand"),
+    ({"statistics": "fisher_eigenvectors", "weight_sharing": "reduce"}, None, "expand"),
+    ({"statistics": ("fisher_eigenvectors", "kronecker_eigenvectors")}, None, "one of them"),
+    ({"statistics": "fisher_eigenvectors"}, {}, "needs this step's estimates"),
     ({"statistics": "kronecker_vectors", "statistics_batch_size": 0}, None, "positive int"),
     ({"statistics": "kronecker_vectors", "statistics_batch_size": 2.0}, None, "positive int"),
 ])
@@ -309,6 +321,14 @@ def test_estimates_of_another_model_raise_naming_the_layer():
   with pytest.raises(ValueError, match="Dense_0.*re-init"):
     _capture(loss_fn, params, x, "kronecker_eigenvectors",
              eigenvector_estimates=eva_optax.eigenvector_estimates(other))
+
+
+def test_estimates_of_the_other_power_iteration_raise():
+  loss_fn, params, x = _problem("batchnorm_mlp")
+  kronecker = eva_optax.scale_by_eva(statistics="kronecker_eigenvectors").init(params)
+  with pytest.raises(ValueError, match="no FisherEigenvectors.*fisher_eigenvectors"):
+    _capture(loss_fn, params, x, "fisher_eigenvectors",
+             eigenvector_estimates=eva_optax.eigenvector_estimates(kronecker))
 
 
 def test_eigenvector_estimates_needs_an_eigenvector_state():
@@ -370,3 +390,224 @@ def test_conv_power_step_without_patches_equals_the_dense_factor(kernel_size, st
         np.asarray(getattr(estimates[""], field)))
     np.testing.assert_allclose(getattr(records, field), expected, rtol=1e-5,
                                atol=1e-5 * np.abs(expected).max(), err_msg=field)
+
+
+# Fisher-eigenvector statistics (statistics="fisher_eigenvectors"). Dense reference: each
+# layer's rows taken independently of the capture — its input (conv: im2col by
+# lax.conv_general_dilated_patches) and g = B·∂L/∂y from a zero perturbation added to its
+# output through flax.linen.intercept_methods — and the explicit Fisher
+# F = (1/B) Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ in float64.
+
+_MATMULS = (nn.Dense, nn.DenseGeneral, nn.Conv)
+
+
+def _layer_inputs(loss_fn, params, x):
+  """``{path: (module, input, output shape)}`` of every Dense/DenseGeneral/Conv call."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, _MATMULS):
+      seen["/".join(context.module.path)] = (context.module, args[0], y.shape)
+    return y
+
+  with nn.intercept_methods(record):
+    loss_fn(params, x)
+  return seen
+
+
+def _output_gradients(loss_fn, params, x, shapes):
+  """``{path: ∂L/∂y}`` by a zero perturbation added to each layer's output."""
+  def perturbed(eps):
+    def add(next_fun, args, kwargs, context):
+      y = next_fun(*args, **kwargs)
+      name = "/".join(context.module.path)
+      return y + eps[name] if context.method_name == "__call__" and name in eps else y
+    with nn.intercept_methods(add):
+      return loss_fn(params, x)
+  return jax.grad(perturbed)({name: jnp.zeros(s) for name, s in shapes.items()})
+
+
+def _input_rows(module, inputs, d_in):
+  if isinstance(module, nn.Conv):
+    c_in, taps = inputs.shape[-1], int(np.prod(module.kernel_size))
+    strides = module.strides or 1
+    strides = (strides,) * len(module.kernel_size) if isinstance(strides, int) else strides
+    rows = jax.lax.conv_general_dilated_patches(
+        inputs, module.kernel_size, strides, module.padding,
+        dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    # Patch features come channel-major; the kernel's rows are offset-major (HWIO).
+    return np.asarray(rows).reshape(-1, c_in, taps).transpose(0, 2, 1).reshape(-1, d_in)
+  return np.asarray(inputs).reshape(-1, d_in)
+
+
+def _kernels(tree):
+  """``{path: kernel}`` of a params-like tree."""
+  return {"/".join(p.key for p in path[:-1]): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if path[-1].key == "kernel"}
+
+
+def _reference_rows(loss_fn, params, x):
+  """``{path: (a [rows, d_in (+1)], g [rows, d_out])}`` in float64, g = B·∂L/∂y."""
+  seen = _layer_inputs(loss_fn, params, x)
+  cts = _output_gradients(loss_fn, params, x, {n: s for n, (_, _, s) in seen.items()})
+  kernels = _kernels(params)
+  out = {}
+  for name, (module, inputs, shape) in seen.items():
+    kernel = kernels[name]
+    n_out = 1 if isinstance(module.features, int) else len(module.features)
+    d_out = int(np.prod(shape[len(shape) - n_out:]))
+    d_in = kernel.size // d_out
+    a = _input_rows(module, inputs, d_in).astype(np.float64)
+    if module.use_bias:
+      a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    g = inputs.shape[0] * np.asarray(cts[name], np.float64).reshape(-1, d_out)
+    out[name] = (a, g, kernel)
+  return out
+
+
+def _dense_fisher(a, g, batch):
+  per_row = np.einsum("ri,rj->rij", a, g).reshape(a.shape[0], -1)
+  return per_row.T @ per_row / batch
+
+
+def _random_fisher_estimates(rows, seed=3):
+  out = {}
+  for i, (name, (a, g, _)) in enumerate(rows.items()):
+    ka, kg = jax.random.split(jax.random.key(seed + i))
+    out[name] = collectors.FisherEigenvectors(jax.random.normal(ka, a.shape[1:]),
+                                              jax.random.normal(kg, g.shape[1:]))
+  return out
+
+
+@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
+def test_fisher_power_step_is_the_dense_fisher_contraction(name):
+  loss_fn, params, x = _problem(name)
+  rows = _reference_rows(loss_fn, params, x)
+  (_, grads), _ = _capture(loss_fn, params, x, "kronecker_vectors")
+  estimates = _random_fisher_estimates(rows)
+  _, records = _capture(loss_fn, params, x, "fisher_eigenvectors",
+                        eigenvector_estimates=estimates)
+  assert set(rows) == set(_flat(records))
+  for layer, (a, g, kernel) in rows.items():
+    d_in = kernel.size // g.shape[1]
+    # The reference rows are right: their Σ a gᵀ / B is the kernel's gradient.
+    kernel_grad = np.asarray(_kernels(grads)[layer]).reshape(d_in, -1)
+    np.testing.assert_allclose((a[:, :d_in].T @ g) / x.shape[0], kernel_grad,
+                               rtol=1e-4, atol=1e-6 * np.abs(kernel_grad).max(), err_msg=layer)
+    u, v = _unit(np.asarray(estimates[layer].a)), _unit(np.asarray(estimates[layer].g))
+    fuv = (_dense_fisher(a, g, x.shape[0]) @ np.kron(u, v)).reshape(a.shape[1], g.shape[1])
+    record = _flat(records)[layer]
+    for got, expected in ((record.a, fuv @ v), (record.g, u @ fuv)):
+      # float32 sums of ≤ 200 rows of products of four factors: 1e-5 of the largest entry.
+      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
+                                 err_msg=layer)
+
+
+@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
+def test_fisher_power_iteration_converges_to_a_kronecker_eigenvector(name):
+  """The running estimates reach a fixed point of the alternating iteration on the dense F:
+  (I ⊗ vᵀ) F (u ⊗ v) = λ u and (uᵀ ⊗ I) F (u ⊗ v) = λ v with λ = (u ⊗ v)ᵀ F (u ⊗ v), a local
+  maximum of the Rayleigh quotient over Kronecker products (not always the global one: on the
+  attention query the fixed start reaches 1.815 where another start reaches 1.898)."""
+  loss_fn, params, x = _problem(name)
+  rows = _reference_rows(loss_fn, params, x)
+  _, means = _capture(loss_fn, params, x, "kronecker_vectors")
+  grads, _, state, layouts = _run_power_iteration(loss_fn, params, x, 80, "fisher_eigenvectors")
+  estimates = eva_optax.eigenvector_estimates(state)
+  vanished = 0
+  for layer, (a, g, _) in rows.items():
+    fisher = _dense_fisher(a, g, x.shape[0])
+    ma, mg = (np.asarray(m, np.float64) for m in estimates[layer])
+    u, v = _unit(ma), _unit(mg)
+    fuv = (fisher @ np.kron(u, v)).reshape(a.shape[1], g.shape[1])
+    lam = float(np.kron(u, v) @ fisher @ np.kron(u, v))
+    # float32 running averages at their fixed point: 1e-4 of λ.
+    np.testing.assert_allclose(fuv @ v, lam * u, rtol=0, atol=1e-4 * lam, err_msg=layer)
+    np.testing.assert_allclose(u @ fuv, lam * v, rtol=0, atol=1e-4 * lam, err_msg=layer)
+    np.testing.assert_allclose([np.linalg.norm(ma), np.linalg.norm(mg)], lam, rtol=1e-4,
+                               err_msg=layer)
+    # A Kronecker-product direction cannot exceed the Fisher's top eigenvalue.
+    assert lam <= np.linalg.eigvalsh(fisher)[-1] * (1 + 1e-9), layer
+    vanished += float(np.linalg.norm(_flat(means)[layer].g)) < 1e-6
+  assert vanished >= 1
+  for layer, d in eva_optax.eva_diagnostics(grads, estimates, layouts=layouts).items():
+    assert np.all(np.asarray(d["signal_to_damping"]) > 1.0), layer
+
+
+@pytest.mark.parametrize("damping_mode,damping", [("relative", 1e-3), ("absolute", 1e-6),
+                                                  ("absolute", 1e3)])
+def test_update_equals_dense_sherman_morrison_on_the_fisher_eigenvector(damping_mode, damping):
+  """γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = λ (u uᵀ) ⊗ (v vᵀ), λ = √(‖m_a‖‖m_g‖), built densely;
+  γ = 1e-6 is the ill-conditioned regime (λ/γ ≈ 1e5 … 1e6)."""
+  loss_fn, params, x = _problem("batchnorm_conv")
+  grads, updates, state, _ = _run_power_iteration(
+      loss_fn, params, x, 5, "fisher_eigenvectors", damping=damping, damping_mode=damping_mode)
+  for layer, m in eva_optax.eigenvector_estimates(state).items():
+    ma, mg = np.asarray(m.a, np.float64), np.asarray(m.g, np.float64)
+    lam = np.sqrt(np.linalg.norm(ma) * np.linalg.norm(mg))
+    fisher = lam * np.kron(np.outer(_unit(ma), _unit(ma)), np.outer(_unit(mg), _unit(mg)))
+    gamma = max(damping, 0.5 * lam) if damping_mode == "relative" else damping
+    if damping_mode == "absolute" and damping == 1e-6:
+      assert lam / gamma > 1e4, layer
+    grad = np.asarray(grads[layer]["kernel"], np.float64)
+    shape = grad.shape
+    grad = grad.reshape(-1, shape[-1])
+    got = np.asarray(updates[layer]["kernel"], np.float64).reshape(grad.shape)
+    if "bias" in grads[layer]:
+      grad = np.concatenate([grad, np.asarray(grads[layer]["bias"])[None]], axis=0)
+      got = np.concatenate([got, np.asarray(updates[layer]["bias"])[None]], axis=0)
+    expected = gamma * np.linalg.solve(fisher + gamma * np.eye(fisher.shape[0]), grad.ravel())
+    np.testing.assert_allclose(got.ravel(), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(grad).max(), err_msg=layer)
+
+
+def test_fisher_rank_one_vectors_are_exact_and_overflow_safe():
+  rng = np.random.default_rng(0)
+  for scale in (1e-30, 1.0, 1e30):
+    ma = rng.normal(size=7).astype(np.float32) * scale
+    mg = rng.normal(size=3).astype(np.float32) * scale
+    vectors = collectors.fisher_rank_one_vectors(collectors.FisherEigenvectors(ma, mg))
+    a, g = (np.asarray(v, np.float64) for v in vectors)
+    ma64, mg64 = np.asarray(ma, np.float64), np.asarray(mg, np.float64)
+    lam = np.sqrt(np.linalg.norm(ma64) * np.linalg.norm(mg64))
+    np.testing.assert_allclose(np.kron(np.outer(a, a), np.outer(g, g)),
+                               lam * np.kron(np.outer(_unit(ma64), _unit(ma64)),
+                                             np.outer(_unit(mg64), _unit(mg64))),
+                               rtol=1e-5, atol=1e-7 * lam)
+
+
+def test_eva_with_fisher_eigenvectors_trains_end_to_end_under_jit_with_nnx():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+      self.bn = nnx.BatchNorm(4, rngs=rngs)
+      self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
+
+  model = Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (8, 6, 6, 2))
+  y = jax.random.normal(jax.random.key(1), (8, 3))
+
+  def loss_fn(m, x):
+    return jnp.mean((m(x) - y) ** 2)
+
+  capture = eva_optax.nnx.value_and_grad(loss_fn, statistics="fisher_eigenvectors")
+  optimizer = nnx.Optimizer(model, eva_optax.eva(0.05, statistics="fisher_eigenvectors"),
+                            wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    (loss, grads), curvature = capture(
+        model, x, eigenvector_estimates=eva_optax.eigenvector_estimates(optimizer.opt_state))
+    optimizer.update(model, grads, curvature=curvature)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(30)]
+  assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+  diagnostics = eva_optax.eva_diagnostics(
+      nnx.state(model, nnx.Param), eva_optax.eigenvector_estimates(optimizer.opt_state))
+  assert float(diagnostics["conv"]["signal_to_damping"]) > 1.0

@@ -91,10 +91,26 @@ BACKWARD: dict[str, Callable] = {
     "g_examples": _output_per_example,
     "g_power": _output_power,
 }
+
+
+def _fisher_power(view, x, ct, batch_size, examples, probes) -> dict:
+  """One alternating power step toward the leading Kronecker-product eigenvector u ⊗ v of the
+  expand setting's empirical Fisher F = (1/k) Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ (g = B·∂L/∂y, k
+  examples): ``a_fisher`` = (1/k) Σ_rows a (aᵀû)(gᵀv̂)², ``g_fisher`` = (1/k) Σ_rows g (gᵀv̂)(aᵀû)²,
+  with û, v̂ the probes' unit vectors."""
+  a, g = view.fisher_products(x, batch_size * view.output_rows(ct), probes["a_fisher"],
+                              probes["g_fisher"])
+  return {"a_fisher": a / examples, "g_fisher": g / examples}
+
+
+# Reductions of the input rows and the output gradient rows together (both from
+# _fisher_power, in the backward pass, with the layer input as residual).
+JOINT = ("a_fisher", "g_fisher")
+_INPUT = "input"  # the residual key of the layer input the joint reductions need
 # Reductions that are sums over applications (the others are means: divided by the count).
-_SUMMED = ("g_factor", "g_examples", "g_power")
+_SUMMED = ("g_factor", "g_examples", "g_power") + JOINT
 # Reductions whose probe carries the power iteration's current unit vector.
-POWER = ("a_power", "g_power")
+POWER = ("a_power", "g_power") + JOINT
 
 
 # The record fields of each statistics kind, by the reduction that gives them ("a_factor" and
@@ -103,7 +119,10 @@ _FIELDS = {"kronecker_vectors": ("a_mean", "g_mean"),
            "kronecker_factors": ("a_factor", "g_factor"),
            "activation_factor": ("a_factor",), "activation_vector": ("a_mean",),
            "output_vectors": ("y_mean", "g_mean"),
-           "kronecker_eigenvectors": ("a_power", "g_power")}
+           "kronecker_eigenvectors": ("a_power", "g_power"),
+           "fisher_eigenvectors": ("a_fisher", "g_fisher")}
+# The statistics kinds that continue a power iteration (their probes carry its unit vectors).
+ITERATED = ("kronecker_eigenvectors", "fisher_eigenvectors")
 _PER_EXAMPLE = {"a_factor": "a_examples", "g_factor": "g_examples"}
 
 
@@ -162,8 +181,8 @@ def describe_call(name, view, layout, x, y, names: Sequence[str],
   batch_size, examples = view.batch_size(x), subset_size(view, x, subset)
   d_in = jax.eval_shape(view.mean_input, x).shape[0] + view.has_bias
   d_out = jax.eval_shape(lambda out: view.output_rows(out), y).shape[-1]
-  shapes = {}
-  for r in names:
+  shapes = {r: (d_in if r == "a_fisher" else d_out,) for r in names if r in JOINT}
+  for r in (r for r in names if r not in JOINT):
     probe = jax.ShapeDtypeStruct((d_in if r == "a_power" else d_out,), jnp.float32)
     ct = jax.ShapeDtypeStruct(y.shape, jnp.float32)
     shapes[r] = jax.eval_shape(
@@ -224,7 +243,7 @@ def _tap_bwd(spec, residual, ct):
   backward, names = spec
   forward, probes = residual
   out = dict(forward)
-  out.update(backward(ct, probes))
+  out.update(backward(ct, forward, probes))
   if COUNT in probes:
     # 0·probe + 1 rather than a constant: under shard_map the cotangent must be device-varying
     # like the probe itself.
@@ -249,10 +268,17 @@ def tap_layer(view: layers.LayerView, x: jax.Array, y: jax.Array, probes: Mappin
                                               probes[r]))
              for r in probes if r in FORWARD}
   backward_names = tuple(r for r in probes if r in BACKWARD)
+  joint = any(r in JOINT for r in probes)
+  if joint:  # the layer's own VJP keeps its input too: the same buffer
+    forward[_INPUT] = jax.lax.stop_gradient(x if examples == batch_size else x[:examples])
 
-  def backward(ct, probes):
-    return {r: _reduce(r, view, None, None, ct, batch_size, examples, probes[r])
-            for r in backward_names}
+  def backward(ct, forward, probes):
+    out = {r: _reduce(r, view, None, None, ct, batch_size, examples, probes[r])
+           for r in backward_names}
+    if joint:
+      rows = ct if examples == batch_size else ct[:examples]
+      out.update(_fisher_power(view, forward[_INPUT], rows, batch_size, examples, probes))
+    return out
 
   return _tap((backward, tuple(sorted(probes))), y, forward, dict(probes))
 
@@ -300,9 +326,13 @@ def check_kinds(statistics, weight_sharing: str) -> tuple[str, ...]:
   if unknown or not names:
     raise ValueError(f"eva_optax: unknown statistics {unknown or names}; choose from "
                      f"{STATISTICS}.")
-  if weight_sharing == "reduce" and "kronecker_eigenvectors" in names:
-    raise ValueError("eva_optax: statistics='kronecker_eigenvectors' tracks the expand "
-                     "setting's Kronecker factors; use weight_sharing='expand'.")
+  iterated = [s for s in names if s in ITERATED]
+  if weight_sharing == "reduce" and iterated:
+    raise ValueError(f"eva_optax: statistics={iterated[0]!r} tracks the expand setting's "
+                     "curvature; use weight_sharing='expand'.")
+  if len(iterated) > 1:
+    raise ValueError(f"eva_optax: statistics {iterated} each continue a power iteration from "
+                     "one eigenvector_estimates; capture one of them.")
   return names
 
 
@@ -317,32 +347,35 @@ def check_subset(statistics_batch_size) -> None:
 
 def probe_estimates(kinds: Sequence[str], calls: Mapping[str, LayerCall],
                     eigenvector_estimates) -> dict:
-  """``{layer: {reduction: running estimate}}`` for the power iteration of
-  ``"kronecker_eigenvectors"`` (empty when that kind is not captured).
+  """``{layer: {reduction: running estimate}}`` for the power iteration of the one
+  :data:`ITERATED` kind among ``kinds`` (empty when there is none).
 
   Raises:
-    ValueError: the kind is captured but ``eigenvector_estimates`` is missing, lacks a captured
-      layer or has a mismatched shape; or it is given without that kind.
+    ValueError: such a kind is captured but ``eigenvector_estimates`` is missing, lacks a
+      captured layer, holds records of another kind or has a mismatched shape; or it is given
+      without such a kind.
   """
-  if "kronecker_eigenvectors" not in kinds:
+  kind = next((k for k in kinds if k in ITERATED), None)
+  if kind is None:
     if eigenvector_estimates is not None:
-      raise ValueError("eva_optax: eigenvector_estimates is only used with "
-                       "statistics='kronecker_eigenvectors'; drop it.")
+      raise ValueError(f"eva_optax: eigenvector_estimates is only used with statistics in "
+                       f"{ITERATED}; drop it.")
     return {}
   if eigenvector_estimates is None:
     raise ValueError(
-        "eva_optax: statistics='kronecker_eigenvectors' continues a power iteration across "
-        "steps and needs this step's estimates: pass "
+        f"eva_optax: statistics={kind!r} continues a power iteration across steps and needs "
+        "this step's estimates: pass "
         "eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state).")
   flat = collectors.flatten_curvature(eigenvector_estimates)
+  record_type = collectors.RECORDS[kind]
   out = {}
   for name, call in calls.items():
     record = flat.get(name)
-    if not isinstance(record, collectors.KroneckerEigenvectors):
-      raise ValueError(f"eva_optax: eigenvector_estimates has no KroneckerEigenvectors for "
+    if not isinstance(record, record_type):
+      raise ValueError(f"eva_optax: eigenvector_estimates has no {record_type.__name__} for "
                        f"layer '{name}'; pass eva_optax.eigenvector_estimates(opt_state) of "
-                       "an optimizer initialised for this model.")
-    out[name] = {"a_power": record.a, "g_power": record.g}
+                       f"an optimizer initialised for this model with statistics={kind!r}.")
+    out[name] = dict(zip(_FIELDS[kind], record))
     for r, value in out[name].items():
       if tuple(jnp.shape(value)) != call.stack + call.shapes[r]:
         raise ValueError(
