@@ -149,6 +149,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     # of each batch (its kfac_batch_size). Eva's learning rates, not re-tuned.
     "eva_eigen": _eva_variant("kronecker_eigenvectors"),
     "eva_fisher": _eva_variant("fisher_eigenvectors"),
+    "eva_gradient": _eva_variant("gradient_singular_vectors"),
     "eva_subset": _eva_variant("kronecker_vectors", statistics_batch_size=16),
     # Autoencoder: the KL clip binds at lr 300, so the step is √κ-normalized (capped by the cosine
     # schedule's lr); γ = 10, κ = 3 sit in the region of the grid (RESULTS.md, issue 3) where

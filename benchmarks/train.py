@@ -43,6 +43,10 @@ def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: O
                    capture_kwargs=capture_kwargs)
 
 
+# Eva's statistics that continue a power iteration from the optimizer state.
+_ITERATED = ("kronecker_eigenvectors", "fisher_eigenvectors", "gradient_singular_vectors")
+
+
 def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
               has_aux: bool = False, capture_kwargs: Optional[Mapping[str, Any]] = None):
   """Jitted ``(params, state, x, y) -> (params, state, loss)`` for ``loss(params, x, y)``.
@@ -50,7 +54,7 @@ def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
   First-order optimizers take plain gradients; second-order ones also get the per-layer
   statistics captured in the same forward/backward pass as ``curvature`` (``capture_kwargs``:
   further keywords of ``eva_optax.flax.value_and_grad``, e.g. ``statistics_batch_size``;
-  ``"kronecker_eigenvectors"`` and ``"fisher_eigenvectors"`` get their running estimates from the optimizer state). With
+  Eva's power-iteration statistics get their running estimates from the optimizer state). With
   ``has_aux`` the loss is ``(params, model_state, x, y) -> (loss, model_state)`` and ``state``
   is the pair ``(opt_state, model_state)``.
   """
@@ -69,7 +73,7 @@ def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
       value, grads = grad_fn(params, *batch)
     else:
       estimates = ({"eigenvector_estimates": eva_optax.eigenvector_estimates(opt_state)}
-                   if statistics in ("kronecker_eigenvectors", "fisher_eigenvectors") else {})
+                   if statistics in _ITERATED else {})
       (value, grads), extra["curvature"] = capture(params, *batch, **estimates)
       # The same statistics at trial parameters on this batch: K-BFGS's second pass calls it,
       # the other optimizers ignore it (so it is never traced for them).

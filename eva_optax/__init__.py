@@ -5,8 +5,9 @@ from eva_optax.accumulation import MultiStepsState, multi_steps
 from eva_optax.capture.coverage import Coverage, coverage, coverage_report
 from eva_optax.layers import Layout
 from eva_optax.collectors import (ActivationFactor, ActivationVector, Collector,
-                                  FisherEigenvectors, KroneckerEigenvectors, KroneckerFactors,
-                                  KroneckerVectors, running_average)
+                                  FisherEigenvectors, GradientSingularVectors,
+                                  KroneckerEigenvectors, KroneckerFactors, KroneckerVectors,
+                                  running_average)
 from eva_optax.eva import (EvaLayerTerms, eigenvector_estimates, eva, eva_diagnostics, eva_layer,
                            scale_by_eva)
 from eva_optax.eva_f import eva_f, eva_f_layer, scale_by_eva_f
@@ -29,7 +30,7 @@ __all__ = [
     "bfgs", "kbfgs", "kbfgs_l", "scale_by_kbfgs",
     "ActivationFactor", "ActivationVector", "EvaLayerTerms", "KFACInverses", "KroneckerFactors",
     "eva_f", "eva_f_layer", "foof", "kfac", "scale_by_eva_f", "scale_by_foof", "scale_by_kfac",
-    "Collector", "FisherEigenvectors", "KroneckerEigenvectors", "KroneckerVectors", "eigenvector_estimates",
+    "Collector", "FisherEigenvectors", "GradientSingularVectors", "KroneckerEigenvectors", "KroneckerVectors", "eigenvector_estimates",
     "Preconditioner", "ScaleByKroneckerState", "eva",
     "eva_diagnostics", "eva_layer", "flax", "kl_clip", "kl_normalize", "no_scaling",
     "running_average", "scale_by_eva", "scale_by_kronecker",

@@ -139,6 +139,32 @@ class FisherEigenvectors(NamedTuple):
   g: jax.Array
 
 
+class GradientSingularVectors(NamedTuple):
+  """Statistics of Eva's gradient-singular-vector variant (:func:`eva_optax.eva` with
+  ``statistics="gradient_singular_vectors"``), float32, in per-example units.
+
+  Eva's rank-one curvature is vec(C) vec(C)ᵀ for the per-example kernel gradient averaged over
+  rows, C = E[a gᵀ] (a the input row, [a; 1] with a bias; g = B·∂L/∂y), with the paper's
+  approximation E[a gᵀ] ≈ ā ḡᵀ (a and g uncorrelated). That approximation is what vanishes
+  behind BatchNorm and on attention keys, where C = Cov(a, g) ≠ 0 but ḡ = 0. This record drops
+  it: one step of a power iteration toward C's leading singular pair, without forming C, with
+  û, v̂ the unit vectors of the running estimates before this step (the capture's
+  ``eigenvector_estimates``),
+
+  Attributes:
+    a: ``(d_in [+1],)`` C v̂ = mean over rows of a (gᵀv̂).
+    g: ``(d_out,)`` Cᵀ û = mean over rows of g (aᵀû).
+
+  Their running averages converge to σ u, σ v, the leading singular triple of the averaged C,
+  so F̃ = σ² (u uᵀ) ⊗ (v vᵀ), the best Kronecker-product approximation of vec(C) vec(C)ᵀ
+  (Eckart–Young on C). Where a and g are uncorrelated, C = ā ḡᵀ and this is Eva's
+  (ā āᵀ) ⊗ (ḡ ḡᵀ) exactly. A layer applied R times averages its applications, as ā and ḡ.
+  """
+
+  a: jax.Array
+  g: jax.Array
+
+
 # The `statistics` names of eva_optax.flax.value_and_grad and the records they produce.
 RECORDS: dict[str, type] = {
     "kronecker_vectors": KroneckerVectors,
@@ -148,6 +174,7 @@ RECORDS: dict[str, type] = {
     "output_vectors": OutputVectors,
     "kronecker_eigenvectors": KroneckerEigenvectors,
     "fisher_eigenvectors": FisherEigenvectors,
+    "gradient_singular_vectors": GradientSingularVectors,
 }
 
 
@@ -253,6 +280,27 @@ def kronecker_eigenvectors(stat_decay: float) -> Collector:
                     stat_decay)
 
 
+def gradient_singular_vectors(stat_decay: float) -> Collector:
+  """The power iteration's C v̂, Cᵀ û (O(d_in + d_out) state per layer; ``a`` bias-augmented
+  already); no scale-jump rejection, as :func:`kronecker_eigenvectors`.
+
+  Each new pair is oriented so that ûᵀ C v̂ ≥ 0 (û, per slice, from the running ``a``): C v̂
+  carries v̂'s sign and Cᵀ û carries û's, so a start with û, v̂ oriented against C's singular
+  pair swaps the two signs every step and the running average shrinks towards 0.905 σ instead
+  of σ (measured). The curvature σ² (u uᵀ) ⊗ (v vᵀ) does not depend on the signs."""
+  base = _collector(GradientSingularVectors, lambda d_in, d_aug, d_out: ((d_aug,), (d_out,)),
+                    stat_decay)
+
+  def update(old, new, count):
+    # ⟨running a, C v̂⟩ has the sign of ûᵀ C v̂ (û is the running a's unit vector); after pmean,
+    # so every device orients alike.
+    flip = jnp.sum(old.a * jnp.asarray(new.a, jnp.float32), axis=-1, keepdims=True) < 0
+    sign = jnp.where(flip, -1.0, 1.0)
+    return base.update(old, GradientSingularVectors(new.a * sign, new.g * sign), count)
+
+  return base._replace(update=update)
+
+
 def fisher_eigenvectors(stat_decay: float) -> Collector:
   """The alternating power iteration's (I ⊗ v̂ᵀ)F(û ⊗ v̂), (ûᵀ ⊗ I)F(û ⊗ v̂) (O(d_in + d_out)
   state per layer; ``a`` bias-augmented already); no scale-jump rejection, as
@@ -269,10 +317,12 @@ def fisher_rank_one_vectors(stats: FisherEigenvectors) -> KroneckerVectors:
   return KroneckerVectors(unit_a * jnp.exp(0.25 * (log_a + log_g)), unit_g)
 
 
-def rank_one_vectors(stats: KroneckerEigenvectors) -> KroneckerVectors:
+def rank_one_vectors(stats) -> KroneckerVectors:
   """Vectors (√λ_a u, √λ_g v) whose outer products are the rank-one factors λ u uᵀ of the
   running power-iteration estimates m = λu (λ = ‖m‖), so that Eva's Sherman–Morrison direction
-  applies unchanged (its signal ‖ā‖²‖ḡ‖² becomes λ_a λ_g). Overflow-safe."""
+  applies unchanged (its signal ‖ā‖²‖ḡ‖² becomes λ_a λ_g): for
+  :class:`KroneckerEigenvectors`, and for :class:`GradientSingularVectors` (both norms estimate
+  σ, so the signal is σ²). Overflow-safe."""
   def root(m):
     unit, log_norm = linalg.unit_vector(m)
     return unit * jnp.exp(0.5 * log_norm)

@@ -29,8 +29,10 @@ DAMPING_MODES = ("absolute", "relative")
 # by the capture's statistics name.
 STATISTICS = {"kronecker_vectors": collectors.kronecker_vectors,
               "kronecker_eigenvectors": collectors.kronecker_eigenvectors,
-              "fisher_eigenvectors": collectors.fisher_eigenvectors}
-_ITERATED = (collectors.KroneckerEigenvectors, collectors.FisherEigenvectors)
+              "fisher_eigenvectors": collectors.fisher_eigenvectors,
+              "gradient_singular_vectors": collectors.gradient_singular_vectors}
+_ITERATED = (collectors.KroneckerEigenvectors, collectors.FisherEigenvectors,
+             collectors.GradientSingularVectors)
 # The package's global scalings plus Eva's trust region (kl_clip's formula on V itself).
 SCALINGS = transform.SCALINGS + ("trust_region",)
 
@@ -124,7 +126,7 @@ def check_statistics(statistics) -> None:
 def layer_vectors(stats, has_bias: bool) -> collectors.KroneckerVectors:
   """The rank-one vectors Sherman–Morrison uses, bias-augmented: ā, ḡ (with 1 appended to ā
   for a bias), or √λ u, √λ v from the power-iteration estimates (augmented already)."""
-  if isinstance(stats, collectors.KroneckerEigenvectors):
+  if isinstance(stats, (collectors.KroneckerEigenvectors, collectors.GradientSingularVectors)):
     return collectors.rank_one_vectors(stats)
   if isinstance(stats, collectors.FisherEigenvectors):
     return collectors.fisher_rank_one_vectors(stats)
@@ -212,6 +214,12 @@ def scale_by_eva(
       weighted sums (a conv: one one-channel convolution and its kernel gradient), in the
       backward pass, with the layer input as residual. Measured (same place): it engages the
       correction too and does not beat the means either.
+      ``"gradient_singular_vectors"``: Eva's own curvature vec(C) vec(C)ᵀ, C = E[a gᵀ] the
+      per-example kernel gradient averaged over rows, without the paper's E[a gᵀ] ≈ ā ḡᵀ:
+      F̃ = σ² (u uᵀ) ⊗ (v vᵀ) from C's leading singular triple, tracked by a power iteration
+      (:class:`~eva_optax.GradientSingularVectors`; one C v̂ and one Cᵀ û per step, the same
+      cost and plumbing as the previous). It is the means' curvature where a and g are
+      uncorrelated, and does not vanish where ḡ does (C = Cov(a, g) there).
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
@@ -343,9 +351,9 @@ def eva_diagnostics(grads, stats: Mapping[str, collectors.KroneckerVectors], *,
 
 def eigenvector_estimates(opt_state) -> dict:
   """The running power-iteration estimates of an Eva optimizer state built with
-  ``statistics="kronecker_eigenvectors"`` or ``"fisher_eigenvectors"``, for the next capture
-  call's ``eigenvector_estimates=`` (``{layer: KroneckerEigenvectors | FisherEigenvectors}``,
-  stack axes leading).
+  ``statistics`` ``"kronecker_eigenvectors"``, ``"fisher_eigenvectors"`` or
+  ``"gradient_singular_vectors"``, for the next capture call's ``eigenvector_estimates=``
+  (``{layer: record}``, stack axes leading).
 
   Raises:
     ValueError: ``opt_state`` holds no such Eva state (or several).
@@ -356,6 +364,7 @@ def eigenvector_estimates(opt_state) -> dict:
   if len(records) != 1:
     raise ValueError(
         "eva_optax: eigenvector_estimates needs the state of one Eva optimizer built with "
-        "statistics='kronecker_eigenvectors' or 'fisher_eigenvectors'; found "
+        "statistics='kronecker_eigenvectors', 'fisher_eigenvectors' or "
+        "'gradient_singular_vectors'; found "
         f"{len(records)} such statistics in opt_state.")
   return dict(records[0])

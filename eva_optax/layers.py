@@ -264,28 +264,29 @@ class LayerView(NamedTuple):
       product = jnp.concatenate([product, jnp.sum(projection)[None]])
     return product / projection.size
 
-  def fisher_products(self, x: jax.Array, output_rows: jax.Array, u: jax.Array,
-                      v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(Σ_rows a (aᵀu)(gᵀv)², Σ_rows g (gᵀv)(aᵀu)²)``, float32 ``(d_in [+1],)`` and
-    ``(d_out,)``: the contractions (I ⊗ vᵀ) F (u ⊗ v) and (uᵀ ⊗ I) F (u ⊗ v) of the rows' Fisher
-    F = Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ with a the input row (bias-augmented with a bias) and g the
-    matching row of ``output_rows`` ``[rows, d_out]``, in O(rows·(d_in + d_out)) without F or,
-    for a conv, im2col patches (as :meth:`input_factor_product`)."""
-    weights, shift = (u[:-1], u[-1]) if self.has_bias else (u, 0.0)
+  def joint_products(self, x: jax.Array, output_rows: jax.Array, u: jax.Array, v: jax.Array,
+                     weights: Callable) -> tuple[jax.Array, jax.Array]:
+    """``(Σ_rows a·w_a, Σ_rows g·w_g)``, float32 ``(d_in [+1],)`` and ``(d_out,)``, with a the
+    input row (bias-augmented with a bias), g the matching row of ``output_rows``
+    ``[rows, d_out]`` and ``(w_a, w_g) = weights(aᵀu, gᵀv)`` per row, in
+    O(rows·(d_in + d_out)) without im2col patches for a conv (as :meth:`input_factor_product`).
+    ``weights`` (p, r) ↦ (r, p) gives C v, Cᵀ u for C = Σ_rows a gᵀ; (p r², r p²) gives
+    (I ⊗ vᵀ) F (u ⊗ v), (uᵀ ⊗ I) F (u ⊗ v) for the rows' Fisher F = Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ."""
+    kernel_weights, shift = (u[:-1], u[-1]) if self.has_bias else (u, 0.0)
     out_projection = jnp.matmul(output_rows, v, precision=jax.lax.Precision.HIGHEST)
     if self.conv is not None:
-      projection, kernel_gradient = _conv_projection(self.conv, _images(self.conv, x), weights)
-      projection = projection + shift
-      weight = projection * out_projection.reshape(projection.shape) ** 2
-      product = kernel_gradient(weight)
+      projection, kernel_gradient = _conv_projection(self.conv, _images(self.conv, x),
+                                                     kernel_weights)
+      shape = projection.shape  # [N, *out, 1]: one row per output position, as output_rows
+      input_weight, output_weight = weights((projection + shift).reshape(-1), out_projection)
+      product = kernel_gradient(input_weight.reshape(shape))
     else:
       rows = self.input_rows(x)
-      projection = jnp.matmul(rows, weights, precision=jax.lax.Precision.HIGHEST) + shift
-      weight = projection * out_projection ** 2
-      product = jnp.sum(rows * weight[:, None], axis=0)
+      projection = jnp.matmul(rows, kernel_weights, precision=jax.lax.Precision.HIGHEST) + shift
+      input_weight, output_weight = weights(projection, out_projection)
+      product = jnp.sum(rows * input_weight[:, None], axis=0)
     if self.has_bias:
-      product = jnp.concatenate([product, jnp.sum(weight)[None]])
-    output_weight = out_projection * projection.reshape(out_projection.shape) ** 2
+      product = jnp.concatenate([product, jnp.sum(input_weight)[None]])
     return product, jnp.sum(output_rows * output_weight[:, None], axis=0)
 
   def per_example_input(self, x: jax.Array) -> jax.Array:

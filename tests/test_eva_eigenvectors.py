@@ -175,14 +175,16 @@ def test_power_iteration_converges_to_the_leading_eigenpairs(name):
     assert np.all(np.asarray(d["signal_to_damping"]) > 1.0), layer
 
 
+@pytest.mark.parametrize("statistics", ["kronecker_eigenvectors", "gradient_singular_vectors"])
 @pytest.mark.parametrize("damping_mode,damping", [("relative", 1e-3), ("absolute", 1e-6),
                                                   ("absolute", 1e3)])
-def test_update_equals_dense_sherman_morrison_on_the_eigen_factors(damping_mode, damping):
+def test_update_equals_dense_sherman_morrison_on_the_eigen_factors(damping_mode, damping,
+                                                                   statistics):
   """γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = (m_a m_aᵀ/‖m_a‖) ⊗ (m_g m_gᵀ/‖m_g‖) built densely; the
   absolute γ = 1e-6 is the ill-conditioned regime (‖F̃‖/γ ≈ 1e5 … 1e7)."""
   loss_fn, params, x = _problem("batchnorm_mlp")
   grads, updates, state, _ = _run_power_iteration(
-      loss_fn, params, x, 5, damping=damping, damping_mode=damping_mode)
+      loss_fn, params, x, 5, statistics, damping=damping, damping_mode=damping_mode)
   for layer, m in eva_optax.eigenvector_estimates(state).items():
     ma, mg = np.asarray(m.a, np.float64), np.asarray(m.g, np.float64)
     fisher = np.kron(np.outer(ma, ma) / np.linalg.norm(ma), np.outer(mg, mg) / np.linalg.norm(mg))
@@ -246,7 +248,8 @@ def test_nnx_capture_matches_the_dense_factors():
 
 
 _RECORDS = {"kronecker_eigenvectors": collectors.KroneckerEigenvectors,
-            "fisher_eigenvectors": collectors.FisherEigenvectors}
+            "fisher_eigenvectors": collectors.FisherEigenvectors,
+            "gradient_singular_vectors": collectors.GradientSingularVectors}
 
 
 @pytest.mark.parametrize("statistics", ["kronecker_vectors", "kronecker_factors",
@@ -472,12 +475,12 @@ def _dense_fisher(a, g, batch):
   return per_row.T @ per_row / batch
 
 
-def _random_fisher_estimates(rows, seed=3):
+def _random_estimates_like(rows, record, seed=3):
+  """Nonzero estimates of ``record`` type shaped like the reference rows' a and g."""
   out = {}
   for i, (name, (a, g, _)) in enumerate(rows.items()):
     ka, kg = jax.random.split(jax.random.key(seed + i))
-    out[name] = collectors.FisherEigenvectors(jax.random.normal(ka, a.shape[1:]),
-                                              jax.random.normal(kg, g.shape[1:]))
+    out[name] = record(jax.random.normal(ka, a.shape[1:]), jax.random.normal(kg, g.shape[1:]))
   return out
 
 
@@ -486,7 +489,7 @@ def test_fisher_power_step_is_the_dense_fisher_contraction(name):
   loss_fn, params, x = _problem(name)
   rows = _reference_rows(loss_fn, params, x)
   (_, grads), _ = _capture(loss_fn, params, x, "kronecker_vectors")
-  estimates = _random_fisher_estimates(rows)
+  estimates = _random_estimates_like(rows, collectors.FisherEigenvectors)
   _, records = _capture(loss_fn, params, x, "fisher_eigenvectors",
                         eigenvector_estimates=estimates)
   assert set(rows) == set(_flat(records))
@@ -611,3 +614,78 @@ def test_eva_with_fisher_eigenvectors_trains_end_to_end_under_jit_with_nnx():
   diagnostics = eva_optax.eva_diagnostics(
       nnx.state(model, nnx.Param), eva_optax.eigenvector_estimates(optimizer.opt_state))
   assert float(diagnostics["conv"]["signal_to_damping"]) > 1.0
+
+
+# Gradient-singular-vector statistics (statistics="gradient_singular_vectors"): dense reference
+# C = mean over rows of a gᵀ from the same independent rows, and its SVD.
+
+
+def _reference_gradient(a, g):
+  return a.T @ g / a.shape[0]
+
+
+@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
+def test_gradient_power_step_is_the_dense_gradient_product(name):
+  loss_fn, params, x = _problem(name)
+  rows = _reference_rows(loss_fn, params, x)
+  estimates = _random_estimates_like(rows, collectors.GradientSingularVectors)
+  _, records = _capture(loss_fn, params, x, "gradient_singular_vectors",
+                        eigenvector_estimates=estimates)
+  for layer, (a, g, _) in rows.items():
+    c = _reference_gradient(a, g)
+    u, v = _unit(np.asarray(estimates[layer].a)), _unit(np.asarray(estimates[layer].g))
+    record = _flat(records)[layer]
+    for got, expected in ((record.a, c @ v), (record.g, u @ c)):
+      # float32 sums of ≤ 200 rows: 1e-5 of the largest entry.
+      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
+                                 err_msg=layer)
+
+
+@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
+def test_gradient_power_iteration_converges_to_the_leading_singular_triple(name):
+  loss_fn, params, x = _problem(name)
+  rows = _reference_rows(loss_fn, params, x)
+  _, means = _capture(loss_fn, params, x, "kronecker_vectors")
+  grads, _, state, layouts = _run_power_iteration(loss_fn, params, x, 60,
+                                                  "gradient_singular_vectors")
+  estimates = eva_optax.eigenvector_estimates(state)
+  vanished = 0
+  for layer, (a, g, _) in rows.items():
+    left, sigma, right = np.linalg.svd(_reference_gradient(a, g))
+    ma, mg = (np.asarray(m, np.float64) for m in estimates[layer])
+    # Power iteration converges like (σ₂/σ₁)^(2·steps); these layers' gaps make 60 steps ample.
+    np.testing.assert_allclose([np.linalg.norm(ma), np.linalg.norm(mg)], sigma[0], rtol=1e-4,
+                               err_msg=layer)
+    assert abs(left[:, 0] @ _unit(ma)) > 1 - 1e-5 and abs(right[0] @ _unit(mg)) > 1 - 1e-5
+    vanished += float(np.linalg.norm(_flat(means)[layer].g)) < 1e-6
+  assert vanished >= 1  # where ḡ vanishes, C = Cov(a, g) does not
+  # σ² is in the means' units (a conv's is below the default floor 1e-3, as ‖ā‖²‖ḡ‖² is), so
+  # the correction is active above a floor of 1e-8 on every layer, BatchNorm ones included.
+  for layer, d in eva_optax.eva_diagnostics(grads, estimates, damping=1e-8,
+                                            layouts=layouts).items():
+    assert np.all(np.asarray(d["signal_to_damping"]) > 1.0), layer
+
+
+def test_gradient_singular_vectors_are_evas_means_where_a_and_g_are_uncorrelated():
+  """One row per layer (a batch of one example through Dense layers): C = a gᵀ = ā ḡᵀ, so after
+  two power steps (stat_decay 1: no averaging) the update is the means' to float32 rounding."""
+  model = nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(3)])
+  x = jax.random.normal(jax.random.key(0), (1, 5))
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def loss_fn(p, x):
+    out = model.apply({"params": p}, x)
+    return jnp.mean(jnp.sum(jnp.sin(out) * out, axis=-1))
+
+  kwargs = {"stat_decay": 1.0, "damping": 1e-3, "damping_mode": "absolute"}
+  grads, updates, _, _ = _run_power_iteration(loss_fn, params, x, 2,
+                                              "gradient_singular_vectors", **kwargs)
+  tx = eva_optax.scale_by_eva(scaling=None, **kwargs)
+  _, curvature = _capture(loss_fn, params, x, "kronecker_vectors")
+  expected, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  # One row: Ĝ lies along u ⊗ v and the direction (1 − r)Ĝ is what survives the subtraction
+  # of r⟨Ĝ, u⟩u (r ≈ 1), so float32 errors are relative to Ĝ: 1e-5 of its largest entry.
+  for got, want, grad in zip(*(jax.tree.leaves(t) for t in (updates, expected, grads))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(grad).max())
+  # And the correction is active there (not a vacuous equality of two plain gradients).
+  assert not np.allclose(jax.tree.leaves(updates)[0], jax.tree.leaves(grads)[0], rtol=1e-3)

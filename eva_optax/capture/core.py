@@ -93,22 +93,34 @@ BACKWARD: dict[str, Callable] = {
 }
 
 
-def _fisher_power(view, x, ct, batch_size, examples, probes) -> dict:
-  """One alternating power step toward the leading Kronecker-product eigenvector u ⊗ v of the
-  expand setting's empirical Fisher F = (1/k) Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ (g = B·∂L/∂y, k
-  examples): ``a_fisher`` = (1/k) Σ_rows a (aᵀû)(gᵀv̂)², ``g_fisher`` = (1/k) Σ_rows g (gᵀv̂)(aᵀû)²,
-  with û, v̂ the probes' unit vectors."""
-  a, g = view.fisher_products(x, batch_size * view.output_rows(ct), probes["a_fisher"],
-                              probes["g_fisher"])
-  return {"a_fisher": a / examples, "g_fisher": g / examples}
+def _joint(view, x, ct, batch_size, examples, probes) -> dict:
+  """The joint reductions named in ``probes``, on the rows of ``examples`` examples (g =
+  B·∂L/∂y, û, v̂ the probes' unit vectors), one step of a power iteration each:
+
+  * ``a_gradient``, ``g_gradient``: C v̂ and Cᵀ û for C = mean over rows of a gᵀ, the
+    per-example gradient of the kernel averaged over rows (ā ḡᵀ where a and g are uncorrelated);
+  * ``a_fisher``, ``g_fisher``: (I ⊗ v̂ᵀ) F (û ⊗ v̂) and (ûᵀ ⊗ I) F (û ⊗ v̂) for the expand
+    setting's empirical Fisher F = (1/k) Σ_rows vec(a gᵀ) vec(a gᵀ)ᵀ.
+  """
+  out = {}
+  g_rows = batch_size * view.output_rows(ct)
+  for kind, (a_name, g_name) in _JOINT_PAIRS.items():
+    if a_name in probes:
+      a, g = view.joint_products(x, g_rows, probes[a_name], probes[g_name], _JOINT_WEIGHTS[kind])
+      scale = g_rows.shape[0] if kind == "gradient" else examples
+      out[a_name], out[g_name] = a / scale, g / scale
+  return out
 
 
-# Reductions of the input rows and the output gradient rows together (both from
-# _fisher_power, in the backward pass, with the layer input as residual).
-JOINT = ("a_fisher", "g_fisher")
+# The joint reductions (input and output-gradient rows together, in the backward pass, with
+# the layer input as residual): their pairs and per-row weights (aᵀû, gᵀv̂) ↦ (w_a, w_g).
+_JOINT_PAIRS = {"gradient": ("a_gradient", "g_gradient"), "fisher": ("a_fisher", "g_fisher")}
+_JOINT_WEIGHTS = {"gradient": lambda p, r: (r, p),
+                  "fisher": lambda p, r: (p * r * r, r * p * p)}
+JOINT = ("a_gradient", "g_gradient", "a_fisher", "g_fisher")
 _INPUT = "input"  # the residual key of the layer input the joint reductions need
 # Reductions that are sums over applications (the others are means: divided by the count).
-_SUMMED = ("g_factor", "g_examples", "g_power") + JOINT
+_SUMMED = ("g_factor", "g_examples", "g_power", "a_fisher", "g_fisher")
 # Reductions whose probe carries the power iteration's current unit vector.
 POWER = ("a_power", "g_power") + JOINT
 
@@ -120,9 +132,10 @@ _FIELDS = {"kronecker_vectors": ("a_mean", "g_mean"),
            "activation_factor": ("a_factor",), "activation_vector": ("a_mean",),
            "output_vectors": ("y_mean", "g_mean"),
            "kronecker_eigenvectors": ("a_power", "g_power"),
-           "fisher_eigenvectors": ("a_fisher", "g_fisher")}
+           "fisher_eigenvectors": ("a_fisher", "g_fisher"),
+           "gradient_singular_vectors": ("a_gradient", "g_gradient")}
 # The statistics kinds that continue a power iteration (their probes carry its unit vectors).
-ITERATED = ("kronecker_eigenvectors", "fisher_eigenvectors")
+ITERATED = ("kronecker_eigenvectors", "fisher_eigenvectors", "gradient_singular_vectors")
 _PER_EXAMPLE = {"a_factor": "a_examples", "g_factor": "g_examples"}
 
 
@@ -181,7 +194,7 @@ def describe_call(name, view, layout, x, y, names: Sequence[str],
   batch_size, examples = view.batch_size(x), subset_size(view, x, subset)
   d_in = jax.eval_shape(view.mean_input, x).shape[0] + view.has_bias
   d_out = jax.eval_shape(lambda out: view.output_rows(out), y).shape[-1]
-  shapes = {r: (d_in if r == "a_fisher" else d_out,) for r in names if r in JOINT}
+  shapes = {r: (d_in if r.startswith("a_") else d_out,) for r in names if r in JOINT}
   for r in (r for r in names if r not in JOINT):
     probe = jax.ShapeDtypeStruct((d_in if r == "a_power" else d_out,), jnp.float32)
     ct = jax.ShapeDtypeStruct(y.shape, jnp.float32)
@@ -221,7 +234,7 @@ def make_probes(call: LayerCall, names: Sequence[str], estimates: Optional[Mappi
     shape = call.stack + call.shapes[r]
     probes[r] = (power_vector(estimates.get(r), shape) if r in POWER
                  else jnp.zeros(shape, jnp.float32))
-  if any(r in FORWARD for r in names):
+  if any(r not in _SUMMED for r in names):  # some reduction is a mean over applications
     probes[COUNT] = jnp.zeros(call.stack, jnp.float32)
   return probes
 
@@ -277,7 +290,7 @@ def tap_layer(view: layers.LayerView, x: jax.Array, y: jax.Array, probes: Mappin
            for r in backward_names}
     if joint:
       rows = ct if examples == batch_size else ct[:examples]
-      out.update(_fisher_power(view, forward[_INPUT], rows, batch_size, examples, probes))
+      out.update(_joint(view, forward[_INPUT], rows, batch_size, examples, probes))
     return out
 
   return _tap((backward, tuple(sorted(probes))), y, forward, dict(probes))
