@@ -71,8 +71,11 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       like the means; the call then needs ``eigenvector_estimates``, below; expand setting
       only), ``"fisher_eigenvectors"`` (Eva's Fisher-eigenvector variant: one alternating
       power step toward the empirical Fisher's leading Kronecker-product eigenvector, a and
-      g coupled per row, O(rows·d); same needs; at most one of the two per call). A layer applied R times per loss evaluation
-      (shared module, RNN cell, scan over time) contributes the means over its applications
+      g coupled per row, O(rows·d); same needs), ``"gradient_singular_vectors"`` (Eva's
+      variant without E[a gᵀ] ≈ ā ḡᵀ: one power step toward the leading singular pair of
+      C = E[a gᵀ], O(rows·d); same needs; at most one of these three per call). A layer
+      applied R times per loss evaluation (shared module, RNN cell, scan over time)
+      contributes the means over its applications
       of ā, ḡ and ȳ (the rank-one factors of the mean input and mean per-example output
       gradient; an approximation that ignores how the applications correlate) and its
       Kronecker factors as ``weight_sharing`` says. Inputs are reduced in the forward pass and
@@ -111,7 +114,8 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
   Returns:
     A :class:`Capture`: ``fn(params, *args, **kwargs) -> ((value, grads), curvature)`` (with
     ``sampled_fisher``: ``fn(params, *args, fisher_rng, **kwargs)``, ``fisher_rng`` a keyword-only
-    PRNG key; with ``"kronecker_eigenvectors"`` or ``"fisher_eigenvectors"``, the keyword-only ``eigenvector_estimates``:
+    PRNG key; with a power-iteration kind (``"kronecker_eigenvectors"``,
+    ``"fisher_eigenvectors"``, ``"gradient_singular_vectors"``), the keyword-only ``eigenvector_estimates``:
     ``eva_optax.eigenvector_estimates(opt_state)``, the running estimates the power iteration
     continues from); ``value`` the loss or ``(loss, aux)``, ``grads`` like ``params``, and
     ``curvature`` a nested dict keyed by module path like ``params``
@@ -124,8 +128,8 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
   Raises:
     ValueError: unknown ``statistics``, distribution or ``weight_sharing``, a ``sampled_fisher``
       with statistics that use no output gradients or called without ``fisher_rng``; a
-      ``statistics_batch_size`` that is not a positive int; ``"kronecker_eigenvectors"`` or
-      ``"fisher_eigenvectors"`` with ``weight_sharing="reduce"`` or both at once, or called without ``eigenvector_estimates`` or with ones of
+      ``statistics_batch_size`` that is not a positive int; a power-iteration kind with
+      ``weight_sharing="reduce"`` or two of them at once, or called without ``eigenvector_estimates`` or with ones of
       another model (and ``eigenvector_estimates`` without that kind); inside
       ``pmap``/``shard_map`` without ``axis_name``, or with one that is not mapped there; a
       captured layer whose kernel is not in ``params``.

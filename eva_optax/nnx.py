@@ -32,7 +32,7 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
 
   Returns:
     A :class:`Capture`: ``fn(model, *args, **kwargs) -> ((value, grads), curvature)`` (with
-    ``statistics="kronecker_eigenvectors"`` or ``"fisher_eigenvectors"`` also the keyword ``eigenvector_estimates``) with
+    a power-iteration ``statistics`` such as ``"kronecker_eigenvectors"`` also the keyword ``eigenvector_estimates``) with
     ``grads`` an ``nnx.State`` of the ``nnx.Param`` gradients (as ``nnx.value_and_grad``
     returns it) and ``curvature`` keyed by module path like ``nnx.state(model, nnx.Param)``.
     ``fn.describe(model, *args)`` gives the layouts for the optimizers (``layouts=``) and the
