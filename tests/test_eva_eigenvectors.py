@@ -59,6 +59,18 @@ class Attention(nn.Module):
     return nn.Dense(3)(h)
 
 
+class NnxBatchNormConv(nnx.Module):
+  """Stock NNX Conv → BatchNorm → ReLU → mean pool → Linear."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
+
+
 MODELS = {
     "batchnorm_mlp": (BatchNormMLP, (16, 5)),
     "batchnorm_conv": (BatchNormConv, (8, 6, 6, 2)),
@@ -100,6 +112,15 @@ def _random_estimates(factors, seed=3, record=collectors.KroneckerEigenvectors):
     out[name] = record(
         jax.random.normal(ka, f.a.shape[:-1]), jax.random.normal(kg, f.g.shape[:-1]))
   return out
+
+
+def _layer_matrix(tree, layer):
+  """A layer's kernel as float64 ``[d_in, d_out]`` with its bias row appended, if any."""
+  kernel = np.asarray(tree[layer]["kernel"], np.float64)
+  matrix = kernel.reshape(-1, kernel.shape[-1])
+  if "bias" in tree[layer]:
+    matrix = np.concatenate([matrix, np.asarray(tree[layer]["bias"], np.float64)[None]])
+  return matrix
 
 
 def _unit(v):
@@ -175,30 +196,33 @@ def test_power_iteration_converges_to_the_leading_eigenpairs(name):
     assert np.all(np.asarray(d["signal_to_damping"]) > 1.0), layer
 
 
-@pytest.mark.parametrize("statistics", ["kronecker_eigenvectors", "gradient_singular_vectors"])
-@pytest.mark.parametrize("damping_mode,damping", [("relative", 1e-3), ("absolute", 1e-6),
+# The rank-one curvature's eigenvalue from the running estimates' norms: λ_a λ_g (the factors'
+# eigenvalues; for the gradient's singular vectors both norms are σ), √(λ λ) for the Fisher's
+# eigenvector (both norms are its one eigenvalue λ).
+_SIGNAL = {"kronecker_eigenvectors": lambda na, ng: na * ng,
+           "gradient_singular_vectors": lambda na, ng: na * ng,
+           "fisher_eigenvectors": lambda na, ng: np.sqrt(na * ng)}
+
+
+@pytest.mark.parametrize("statistics", list(_SIGNAL))
+@pytest.mark.parametrize("damping_mode,damping", [("relative", 1e-3), ("absolute", 1e-8),
                                                   ("absolute", 1e3)])
-def test_update_equals_dense_sherman_morrison_on_the_eigen_factors(damping_mode, damping,
-                                                                   statistics):
-  """γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = (m_a m_aᵀ/‖m_a‖) ⊗ (m_g m_gᵀ/‖m_g‖) built densely; the
-  absolute γ = 1e-6 is the ill-conditioned regime (‖F̃‖/γ ≈ 1e5 … 1e7)."""
-  loss_fn, params, x = _problem("batchnorm_mlp")
+def test_update_equals_dense_sherman_morrison(damping_mode, damping, statistics):
+  """γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = s (u uᵀ) ⊗ (v vᵀ) built densely from the estimates (u, v
+  their unit vectors, s = :data:`_SIGNAL`); the absolute γ = 1e-8 is the ill-conditioned
+  regime (s/γ > 1e3 on every layer)."""
+  loss_fn, params, x = _problem("batchnorm_conv")
   grads, updates, state, _ = _run_power_iteration(
       loss_fn, params, x, 5, statistics, damping=damping, damping_mode=damping_mode)
   for layer, m in eva_optax.eigenvector_estimates(state).items():
     ma, mg = np.asarray(m.a, np.float64), np.asarray(m.g, np.float64)
-    fisher = np.kron(np.outer(ma, ma) / np.linalg.norm(ma), np.outer(mg, mg) / np.linalg.norm(mg))
-    gamma = damping
-    if damping_mode == "relative":
-      gamma = max(damping, 0.5 * np.linalg.norm(ma) * np.linalg.norm(mg))
-    layer_grads = grads[layer]
-    matrix = np.asarray(layer_grads["kernel"], np.float64)
-    if "bias" in layer_grads:
-      matrix = np.concatenate([matrix, np.asarray(layer_grads["bias"])[None]], axis=0)
+    signal = _SIGNAL[statistics](np.linalg.norm(ma), np.linalg.norm(mg))
+    fisher = signal * np.kron(np.outer(_unit(ma), _unit(ma)), np.outer(_unit(mg), _unit(mg)))
+    gamma = max(damping, 0.5 * signal) if damping_mode == "relative" else damping
+    if damping_mode == "absolute" and damping == 1e-8:
+      assert signal / gamma > 1e3, layer
+    matrix, got = _layer_matrix(grads, layer), _layer_matrix(updates, layer)
     expected = gamma * np.linalg.solve(fisher + gamma * np.eye(fisher.shape[0]), matrix.ravel())
-    got = np.asarray(updates[layer]["kernel"], np.float64)
-    if "bias" in layer_grads:
-      got = np.concatenate([got, np.asarray(updates[layer]["bias"])[None]], axis=0)
     # The float32 direction removes r⟨Ĝ,u⟩u from Ĝ with |r| ≤ 1: error ~1e-6 of ‖Ĝ‖.
     np.testing.assert_allclose(got.ravel(), expected, rtol=1e-5,
                                atol=1e-5 * np.abs(matrix).max(), err_msg=layer)
@@ -219,16 +243,7 @@ def test_rank_one_vectors_are_exact_and_overflow_safe():
 
 
 def test_nnx_capture_matches_the_dense_factors():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
-      self.bn = nnx.BatchNorm(4, rngs=rngs)
-      self.head = nnx.Linear(4, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
-
-  model = Net(nnx.Rngs(0))
+  model = NnxBatchNormConv(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (8, 6, 6, 2))
 
   def loss_fn(m, x):
@@ -484,14 +499,33 @@ def _random_estimates_like(rows, record, seed=3):
   return out
 
 
+def _dense_fisher_step(a, g, batch, u, v):
+  fuv = (_dense_fisher(a, g, batch) @ np.kron(u, v)).reshape(a.shape[1], g.shape[1])
+  return fuv @ v, u @ fuv
+
+
+def _reference_gradient(a, g):
+  """C = mean over rows of a gᵀ."""
+  return a.T @ g / a.shape[0]
+
+
+def _dense_gradient_step(a, g, batch, u, v):
+  c = _reference_gradient(a, g)
+  return c @ v, u @ c
+
+
+_DENSE_STEPS = {"fisher_eigenvectors": _dense_fisher_step,
+                "gradient_singular_vectors": _dense_gradient_step}
+
+
+@pytest.mark.parametrize("statistics", list(_DENSE_STEPS))
 @pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
-def test_fisher_power_step_is_the_dense_fisher_contraction(name):
+def test_joint_power_step_is_the_dense_contraction(name, statistics):
   loss_fn, params, x = _problem(name)
   rows = _reference_rows(loss_fn, params, x)
   (_, grads), _ = _capture(loss_fn, params, x, "kronecker_vectors")
-  estimates = _random_estimates_like(rows, collectors.FisherEigenvectors)
-  _, records = _capture(loss_fn, params, x, "fisher_eigenvectors",
-                        eigenvector_estimates=estimates)
+  estimates = _random_estimates_like(rows, _RECORDS[statistics])
+  _, records = _capture(loss_fn, params, x, statistics, eigenvector_estimates=estimates)
   assert set(rows) == set(_flat(records))
   for layer, (a, g, kernel) in rows.items():
     d_in = kernel.size // g.shape[1]
@@ -500,11 +534,11 @@ def test_fisher_power_step_is_the_dense_fisher_contraction(name):
     np.testing.assert_allclose((a[:, :d_in].T @ g) / x.shape[0], kernel_grad,
                                rtol=1e-4, atol=1e-6 * np.abs(kernel_grad).max(), err_msg=layer)
     u, v = _unit(np.asarray(estimates[layer].a)), _unit(np.asarray(estimates[layer].g))
-    fuv = (_dense_fisher(a, g, x.shape[0]) @ np.kron(u, v)).reshape(a.shape[1], g.shape[1])
-    record = _flat(records)[layer]
-    for got, expected in ((record.a, fuv @ v), (record.g, u @ fuv)):
-      # float32 sums of ≤ 200 rows of products of four factors: 1e-5 of the largest entry.
-      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
+    expected = _DENSE_STEPS[statistics](a, g, x.shape[0], u, v)
+    for got, want in zip(_flat(records)[layer], expected):
+      # float32 sums of ≤ 200 rows (the Fisher's of products of four factors): 1e-5 of the
+      # largest entry.
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
                                  err_msg=layer)
 
 
@@ -539,33 +573,6 @@ def test_fisher_power_iteration_converges_to_a_kronecker_eigenvector(name):
     assert np.all(np.asarray(d["signal_to_damping"]) > 1.0), layer
 
 
-@pytest.mark.parametrize("damping_mode,damping", [("relative", 1e-3), ("absolute", 1e-6),
-                                                  ("absolute", 1e3)])
-def test_update_equals_dense_sherman_morrison_on_the_fisher_eigenvector(damping_mode, damping):
-  """γ (F̃ + γI)⁻¹ vec(Ĝ) with F̃ = λ (u uᵀ) ⊗ (v vᵀ), λ = √(‖m_a‖‖m_g‖), built densely;
-  γ = 1e-6 is the ill-conditioned regime (λ/γ ≈ 1e5 … 1e6)."""
-  loss_fn, params, x = _problem("batchnorm_conv")
-  grads, updates, state, _ = _run_power_iteration(
-      loss_fn, params, x, 5, "fisher_eigenvectors", damping=damping, damping_mode=damping_mode)
-  for layer, m in eva_optax.eigenvector_estimates(state).items():
-    ma, mg = np.asarray(m.a, np.float64), np.asarray(m.g, np.float64)
-    lam = np.sqrt(np.linalg.norm(ma) * np.linalg.norm(mg))
-    fisher = lam * np.kron(np.outer(_unit(ma), _unit(ma)), np.outer(_unit(mg), _unit(mg)))
-    gamma = max(damping, 0.5 * lam) if damping_mode == "relative" else damping
-    if damping_mode == "absolute" and damping == 1e-6:
-      assert lam / gamma > 1e4, layer
-    grad = np.asarray(grads[layer]["kernel"], np.float64)
-    shape = grad.shape
-    grad = grad.reshape(-1, shape[-1])
-    got = np.asarray(updates[layer]["kernel"], np.float64).reshape(grad.shape)
-    if "bias" in grads[layer]:
-      grad = np.concatenate([grad, np.asarray(grads[layer]["bias"])[None]], axis=0)
-      got = np.concatenate([got, np.asarray(updates[layer]["bias"])[None]], axis=0)
-    expected = gamma * np.linalg.solve(fisher + gamma * np.eye(fisher.shape[0]), grad.ravel())
-    np.testing.assert_allclose(got.ravel(), expected, rtol=1e-5,
-                               atol=1e-5 * np.abs(grad).max(), err_msg=layer)
-
-
 def test_fisher_rank_one_vectors_are_exact_and_overflow_safe():
   rng = np.random.default_rng(0)
   for scale in (1e-30, 1.0, 1e30):
@@ -582,16 +589,7 @@ def test_fisher_rank_one_vectors_are_exact_and_overflow_safe():
 
 
 def test_eva_with_fisher_eigenvectors_trains_end_to_end_under_jit_with_nnx():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
-      self.bn = nnx.BatchNorm(4, rngs=rngs)
-      self.head = nnx.Linear(4, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.head(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
-
-  model = Net(nnx.Rngs(0))
+  model = NnxBatchNormConv(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (8, 6, 6, 2))
   y = jax.random.normal(jax.random.key(1), (8, 3))
 
@@ -618,27 +616,6 @@ def test_eva_with_fisher_eigenvectors_trains_end_to_end_under_jit_with_nnx():
 
 # Gradient-singular-vector statistics (statistics="gradient_singular_vectors"): dense reference
 # C = mean over rows of a gᵀ from the same independent rows, and its SVD.
-
-
-def _reference_gradient(a, g):
-  return a.T @ g / a.shape[0]
-
-
-@pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
-def test_gradient_power_step_is_the_dense_gradient_product(name):
-  loss_fn, params, x = _problem(name)
-  rows = _reference_rows(loss_fn, params, x)
-  estimates = _random_estimates_like(rows, collectors.GradientSingularVectors)
-  _, records = _capture(loss_fn, params, x, "gradient_singular_vectors",
-                        eigenvector_estimates=estimates)
-  for layer, (a, g, _) in rows.items():
-    c = _reference_gradient(a, g)
-    u, v = _unit(np.asarray(estimates[layer].a)), _unit(np.asarray(estimates[layer].g))
-    record = _flat(records)[layer]
-    for got, expected in ((record.a, c @ v), (record.g, u @ c)):
-      # float32 sums of ≤ 200 rows: 1e-5 of the largest entry.
-      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
-                                 err_msg=layer)
 
 
 @pytest.mark.parametrize("name", ["batchnorm_mlp", "batchnorm_conv", "attention"])
