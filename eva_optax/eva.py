@@ -219,7 +219,10 @@ def scale_by_eva(
       F̃ = σ² (u uᵀ) ⊗ (v vᵀ) from C's leading singular triple, tracked by a power iteration
       (:class:`~eva_optax.GradientSingularVectors`; one C v̂ and one Cᵀ û per step, the same
       cost and plumbing as the previous). It is the means' curvature where a and g are
-      uncorrelated, and does not vanish where ḡ does (C = Cov(a, g) there).
+      uncorrelated, and does not vanish where ḡ does (C = Cov(a, g) there). σ² is in the
+      means' units, so a conv's is below the default floor: pass ``damping=1e-8`` to engage
+      it there. Measured (same place): with that floor it beats the correction switched off
+      on a BatchNorm ResNet-20 and ties the means there, but not on a Transformer LM or MNIST.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``
