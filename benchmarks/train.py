@@ -17,6 +17,7 @@ import optax
 from tqdm import tqdm
 
 import eva_optax
+from eva_optax.capture import core
 from benchmarks import datasets, models
 
 
@@ -41,10 +42,6 @@ def make_step(task: models.Task, tx: optax.GradientTransformation, statistics: O
     return tx.make_step(task)
   return loss_step(loss_fn(task), tx, statistics, has_aux=bool(task.mutable),
                    capture_kwargs=capture_kwargs)
-
-
-# Eva's statistics that continue a power iteration from the optimizer state.
-_ITERATED = ("kronecker_eigenvectors", "fisher_eigenvectors", "gradient_singular_vectors")
 
 
 def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
@@ -73,7 +70,7 @@ def loss_step(loss, tx: optax.GradientTransformation, statistics: Optional[str],
       value, grads = grad_fn(params, *batch)
     else:
       estimates = ({"eigenvector_estimates": eva_optax.eigenvector_estimates(opt_state)}
-                   if statistics in _ITERATED else {})
+                   if statistics in core.ITERATED else {})
       (value, grads), extra["curvature"] = capture(params, *batch, **estimates)
       # The same statistics at trial parameters on this batch: K-BFGS's second pass calls it,
       # the other optimizers ignore it (so it is never traced for them).

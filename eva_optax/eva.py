@@ -10,6 +10,43 @@ two running vectors, and the damped inverse applies in closed form (Sherman–Mo
     V = γ (F̃ + γI)⁻¹ vec(Ĝ) = Ĝ − [āᵀ Ĝ ḡ / (‖ā‖²‖ḡ‖² + γ)] · ā ḡᵀ
 
 in O(d_in·d_out) time and O(d_in + d_out) state.
+
+Statistics (``statistics=`` of :func:`scale_by_eva`, the keys of :data:`STATISTICS`), the
+rank-one Kronecker vectors by the capture's statistics name:
+
+``"kronecker_vectors"`` (default): the paper's running means ā, ḡ.
+
+``"kronecker_eigenvectors"``: the leading eigenvectors of the Kronecker factors A, G,
+tracked by a streaming power iteration (:class:`~eva_optax.KroneckerEigenvectors`), so
+F̃ = (λ_a u uᵀ) ⊗ (λ_g v vᵀ), the Eckart–Young-optimal rank-one factors, which do not
+vanish where ḡ does (BatchNorm convs, attention keys). The capture call needs
+``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``. Approximation: one
+power step per step on the current batch, averaged like the other statistics (the noisy
+power method, Hardt & Price, NeurIPS 2014), converging like (λ₂/λ₁)ᵗ. Cost: two
+matrix–vector passes per layer in the capture (a conv: two one-channel convolutions).
+Measured (benchmarks/RESULTS.md, issue 14): it engages the correction there but does not
+beat the means.
+
+``"fisher_eigenvectors"``: the leading Kronecker-product eigenvector u ⊗ v of the
+layer's empirical Fisher F = mean over examples of Σ_rows vec(a gᵀ)vec(a gᵀ)ᵀ (expand
+setting), by an alternating power iteration (:class:`~eva_optax.FisherEigenvectors`),
+so F̃ = λ (u uᵀ) ⊗ (v vᵀ): a and g are coupled per row, so the direction is one of large
+per-row gradient energy, which the Fisher keeps where the batch means cancel. Same
+``eigenvector_estimates`` plumbing, approximation and convergence as the previous;
+cost: one projection of the input and one of the output gradient per row and their
+weighted sums (a conv: one one-channel convolution and its kernel gradient), in the
+backward pass, with the layer input as residual. Measured (same place): it engages the
+correction too and does not beat the means either.
+
+``"gradient_singular_vectors"``: Eva's own curvature vec(C) vec(C)ᵀ, C = E[a gᵀ] the
+per-example kernel gradient averaged over rows, without the paper's E[a gᵀ] ≈ ā ḡᵀ:
+F̃ = σ² (u uᵀ) ⊗ (v vᵀ) from C's leading singular triple, tracked by a power iteration
+(:class:`~eva_optax.GradientSingularVectors`; one C v̂ and one Cᵀ û per step, the same
+cost and plumbing as the previous). It is the means' curvature where a and g are
+uncorrelated, and does not vanish where ḡ does (C = Cov(a, g) there). σ² is in the
+means' units, so a conv's is below the default floor: pass ``damping=1e-8`` to engage
+it there. Measured (same place): with that floor it beats the correction switched off
+on a BatchNorm ResNet-20 and ties the means there, but not on a Transformer LM or MNIST.
 """
 
 from __future__ import annotations
@@ -192,37 +229,11 @@ def scale_by_eva(
       the reference's mean-loss units (its ḡ is ḡ/B, its γ is γ/B²); 1 keeps per-example units.
     layouts: ``{layer: Layout}`` for layer stacks and multi-axis kernels, as in
       :func:`~eva_optax.scale_by_kronecker` (from the capture's ``describe(...).layouts``).
-    statistics: the rank-one Kronecker vectors, by the capture's statistics name:
-      ``"kronecker_vectors"`` (default, the paper's running means ā, ḡ) or
-      ``"kronecker_eigenvectors"``: the leading eigenvectors of the Kronecker factors A, G,
-      tracked by a streaming power iteration (:class:`~eva_optax.KroneckerEigenvectors`), so
-      F̃ = (λ_a u uᵀ) ⊗ (λ_g v vᵀ), the Eckart–Young-optimal rank-one factors, which do not
-      vanish where ḡ does (BatchNorm convs, attention keys). The capture call needs
-      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``. Approximation: one
-      power step per step on the current batch, averaged like the other statistics (the noisy
-      power method, Hardt & Price, NeurIPS 2014), converging like (λ₂/λ₁)ᵗ. Cost: two
-      matrix–vector passes per layer in the capture (a conv: two one-channel convolutions).
-      Measured (benchmarks/RESULTS.md, issue 14): it engages the correction there but does not
-      beat the means.
-      ``"fisher_eigenvectors"``: the leading Kronecker-product eigenvector u ⊗ v of the
-      layer's empirical Fisher F = mean over examples of Σ_rows vec(a gᵀ)vec(a gᵀ)ᵀ (expand
-      setting), by an alternating power iteration (:class:`~eva_optax.FisherEigenvectors`),
-      so F̃ = λ (u uᵀ) ⊗ (v vᵀ): a and g are coupled per row, so the direction is one of large
-      per-row gradient energy, which the Fisher keeps where the batch means cancel. Same
-      ``eigenvector_estimates`` plumbing, approximation and convergence as the previous;
-      cost: one projection of the input and one of the output gradient per row and their
-      weighted sums (a conv: one one-channel convolution and its kernel gradient), in the
-      backward pass, with the layer input as residual. Measured (same place): it engages the
-      correction too and does not beat the means either.
-      ``"gradient_singular_vectors"``: Eva's own curvature vec(C) vec(C)ᵀ, C = E[a gᵀ] the
-      per-example kernel gradient averaged over rows, without the paper's E[a gᵀ] ≈ ā ḡᵀ:
-      F̃ = σ² (u uᵀ) ⊗ (v vᵀ) from C's leading singular triple, tracked by a power iteration
-      (:class:`~eva_optax.GradientSingularVectors`; one C v̂ and one Cᵀ û per step, the same
-      cost and plumbing as the previous). It is the means' curvature where a and g are
-      uncorrelated, and does not vanish where ḡ does (C = Cov(a, g) there). σ² is in the
-      means' units, so a conv's is below the default floor: pass ``damping=1e-8`` to engage
-      it there. Measured (same place): with that floor it beats the correction switched off
-      on a BatchNorm ResNet-20 and ties the means there, but not on a Transformer LM or MNIST.
+    statistics: the rank-one Kronecker vectors, by the capture's statistics name: one of
+      :data:`STATISTICS` (default ``"kronecker_vectors"``, the paper's means ā, ḡ); the
+      module docstring's "Statistics" gives each one's approximation, cost, source and measured
+      effect. The power-iteration kinds need the capture's
+      ``eigenvector_estimates=eva_optax.eigenvector_estimates(opt_state)``.
 
   Returns:
     ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, curvature)``

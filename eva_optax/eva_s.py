@@ -95,6 +95,16 @@ def _tensor_step(grad, vectors, beta2, direction):
   return direction(grad, vectors), vectors
 
 
+def _init(params) -> EvaSState:
+  """Zero state: per tensor of rank ≥ 2 the mode means of a zero gradient — zeros shaped, and
+  on an explicit mesh sharded, like the vectors an update computes, so the state's type is
+  stable across updates; ``()`` for rank ≤ 1."""
+  def vectors(p):
+    return () if p.ndim <= 1 else mode_means(jnp.zeros_like(p, dtype=jnp.float32))
+  return EvaSState(count=jnp.zeros((), jnp.int32), grad_scale=jnp.zeros((), jnp.float32),
+                   stats=jax.tree.map(vectors, params))
+
+
 def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
                    relative_damping: float = 0.5, beta2: float = 1.0
                    ) -> optax.GradientTransformationExtraArgs:
@@ -150,16 +160,6 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
   direction = functools.partial(eva_s_direction, damping=damping, damping_mode=damping_mode,
                                 relative_damping=relative_damping)
 
-  def init_fn(params):
-    def vectors(p):
-      if p.ndim <= 1:
-        return ()
-      # The mode means of a zero gradient: zeros shaped, and on an explicit mesh sharded, like
-      # the vectors update() computes, so the state's type is stable across updates.
-      return mode_means(jnp.zeros_like(p, dtype=jnp.float32))
-    return EvaSState(count=jnp.zeros((), jnp.int32), grad_scale=jnp.zeros((), jnp.float32),
-                     stats=jax.tree.map(vectors, params))
-
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # gradient-only: curvature= and other extra arguments are ignored
     originals, treedef = jax.tree.flatten(updates)
@@ -177,7 +177,7 @@ def scale_by_eva_s(damping: float = 1e-3, *, damping_mode: str = "relative",
                                                   stats=treedef.unflatten(stats))
 
   return guards.guarded(optax.GradientTransformationExtraArgs(
-      init_fn, guards.skipping_scale_jumps(update_fn)), "eva_s")
+      _init, guards.skipping_scale_jumps(update_fn)), "eva_s")
 
 
 def eva_s(

@@ -4,6 +4,26 @@
 returns the statistics every captured layer contributes (DESIGN §2). Which layers are captured
 and how: :mod:`eva_optax.capture.linen`; the mechanism (probes beside the parameters, an
 output tap whose VJP hands out the reductions): :mod:`eva_optax.capture.core`.
+
+Statistics (``statistics=`` of :func:`value_and_grad`), each one float32 record per layer
+(definitions: the record classes, e.g. :class:`~eva_optax.KroneckerVectors`; a layer stack's
+fields get the stack axes in front, e.g. ā ``[L, d_in]``):
+
+* ``"kronecker_vectors"`` (Eva: ā, ḡ = B × mean ∂L/∂y), ``"kronecker_factors"`` (K-FAC: A, G),
+  ``"activation_factor"`` (FOOF: A), ``"activation_vector"`` (Eva-f: ā), ``"output_vectors"``
+  (K-BFGS: ȳ, ḡ);
+* Eva's power-iteration variants, whose call needs ``eigenvector_estimates`` (expand setting
+  only; at most one per call), each O(rows·d) like the means: ``"kronecker_eigenvectors"``
+  (one product A û, G v̂ per Kronecker factor), ``"fisher_eigenvectors"`` (one alternating
+  step toward the empirical Fisher's leading Kronecker-product eigenvector, a and g coupled
+  per row), ``"gradient_singular_vectors"`` (one step toward the leading singular pair of
+  C = E[a gᵀ], Eva's curvature without E[a gᵀ] ≈ ā ḡᵀ).
+
+A layer applied R times per loss evaluation (shared module, RNN cell, scan over time)
+contributes the means over its applications of ā, ḡ and ȳ (the rank-one factors of the mean
+input and mean per-example output gradient; an approximation that ignores how the applications
+correlate) and its Kronecker factors as ``weight_sharing`` says. Inputs are reduced in the
+forward pass and output gradients in the backward pass, so no ``[B, d]`` array is returned.
 """
 
 from __future__ import annotations
@@ -61,25 +81,9 @@ def value_and_grad(loss_fn: Callable, *, statistics: Union[str, Sequence[str]],
       per-example units. ``params`` reaches ``loss_fn`` with one extra entry per captured layer
       (key ``"_eva_optax_probes"``, zeros, beside the layer's kernel): pass it on to
       ``model.apply`` as it is.
-    statistics: one name or a tuple of names, each giving one float32 record per layer
-      (definitions: the record classes, e.g. :class:`~eva_optax.KroneckerVectors`; a layer
-      stack's fields get the stack axes in front, e.g. ā ``[L, d_in]``):
-      ``"kronecker_vectors"`` (Eva: ā, ḡ = B × mean ∂L/∂y), ``"kronecker_factors"`` (K-FAC: A,
-      G), ``"activation_factor"`` (FOOF: A), ``"activation_vector"`` (Eva-f: ā),
-      ``"output_vectors"`` (K-BFGS: ȳ, ḡ), ``"kronecker_eigenvectors"`` (Eva's leading-
-      eigenvector variant: one power-iteration product A û, G v̂ per Kronecker factor, O(rows·d)
-      like the means; the call then needs ``eigenvector_estimates``, below; expand setting
-      only), ``"fisher_eigenvectors"`` (Eva's Fisher-eigenvector variant: one alternating
-      power step toward the empirical Fisher's leading Kronecker-product eigenvector, a and
-      g coupled per row, O(rows·d); same needs), ``"gradient_singular_vectors"`` (Eva's
-      variant without E[a gᵀ] ≈ ā ḡᵀ: one power step toward the leading singular pair of
-      C = E[a gᵀ], O(rows·d); same needs; at most one of these three per call). A layer
-      applied R times per loss evaluation (shared module, RNN cell, scan over time)
-      contributes the means over its applications
-      of ā, ḡ and ȳ (the rank-one factors of the mean input and mean per-example output
-      gradient; an approximation that ignores how the applications correlate) and its
-      Kronecker factors as ``weight_sharing`` says. Inputs are reduced in the forward pass and
-      output gradients in the backward pass, so no ``[B, d]`` array is returned.
+    statistics: one name of :data:`STATISTICS` or a tuple of them, each giving one float32
+      record per layer (the module docstring's "Statistics" lists them and how a reused layer
+      and positions count).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     axis_name: under ``pmap``/``shard_map``, the data-parallel axis (required there): the
       statistics are ``lax.pmean``-ed over it, and per-example units make that the global-batch

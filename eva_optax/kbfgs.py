@@ -30,6 +30,15 @@ Deviations from the paper's public code, all minor: A starts from the first batc
 an average over one pass of the training set before training; the bias entry of ā in the
 Hessian-action pair is 1 (the mean of the constant bias input) where that code uses the mean of
 ā; layers without a bias and convolutions (im2col rows, KFC-style) are supported.
+
+Huge gradients: the direction is linear in Ĝ, so a finite gradient of absurd scale (a bad
+batch's 1e30) would ruin the parameters. A step whose incoming gradient's largest |entry|
+exceeds ``eva_optax.collectors.MAX_SCALE_JUMP`` (1e6) times a running scale of it is skipped —
+zero updates, every statistic, factor and ``count`` kept, no second pass learned from — as a
+curvature record with such a jump is (1e6: far above a training run's step-to-step changes, far
+below a bad number's). A first gradient of any scale is accepted, and one that grows steadily
+(10× per step) is followed; the rule is :func:`eva_optax.guards.skipping_scale_jumps`.
+Non-finite gradients are left to ``optax.apply_if_finite``.
 """
 
 from __future__ import annotations
@@ -145,6 +154,18 @@ def _precondition_layers(settings: _Settings, layouts, captured, grads, first, s
   return stats, factors, directions, lm_a, a_bar
 
 
+def _learn_layers(settings, layouts, captured, grads, first, second, stats, factors, lm_a,
+                  a_bar) -> None:
+  """The BFGS updates of every captured layer from the two passes' statistics (``stats`` and
+  ``factors`` updated in place), each layer stack slice by slice."""
+  for name in captured:
+    now = first["output_vectors"][name]
+    transform.check_record(name, second[name], now, jnp.shape(grads[name]["kernel"]))
+    stats[name], factors[name] = layers.over_stack(
+        functools.partial(_learn, settings), layouts.get(name, layers.Layout()).stacked_axes)(
+            stats[name], factors[name], now, second[name], lm_a[name], a_bar[name])
+
+
 def scale_by_kbfgs(
     learning_rate: optax.ScalarOrSchedule,
     damping: float = 0.3,
@@ -183,15 +204,7 @@ def scale_by_kbfgs(
     ``"output_vectors"`` statistics on the same batch). Parameters of layers absent from
     ``curvature`` pass through unchanged (but still move to the trial point). Directions are
     float32, returned in each parameter's dtype; the state is float32 (and int32 counters).
-    Huge gradients: the direction is linear in Ĝ, so a finite gradient of absurd scale (a bad
-    batch's 1e30) would ruin the parameters. A step whose incoming gradient's largest |entry|
-    exceeds ``eva_optax.collectors.MAX_SCALE_JUMP`` (1e6) times a running scale of it is
-    skipped — zero updates, every statistic, factor and ``count`` kept, no second pass learned
-    from — as a curvature record with such a jump is (1e6: far above a training run's
-    step-to-step changes, far below a bad number's). A first gradient of any scale is
-    accepted, and one that grows steadily (10× per step) is followed; the rule is
-    :func:`eva_optax.guards.skipping_scale_jumps`. Non-finite gradients are left to
-    ``optax.apply_if_finite``.
+    Huge and non-finite gradients: module docstring.
 
   Raises:
     ValueError: λ ∉ (0, 1), μ₁ ∉ (0, 1), a decay ∉ [0, 1), a bad ``memory_size``, a negative
@@ -224,12 +237,8 @@ def scale_by_kbfgs(
 
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     second = _second_pass(curvature_fn, params, updates, lr, grads, masked, captured)
-    for name in captured:
-      now = first["output_vectors"][name]
-      transform.check_record(name, second[name], now, jnp.shape(grads[name]["kernel"]))
-      stats[name], factors[name] = layers.over_stack(
-          functools.partial(_learn, settings), layouts.get(name, layers.Layout()).stacked_axes)(
-              stats[name], factors[name], now, second[name], lm_a[name], a_bar[name])
+    _learn_layers(settings, layouts, captured, grads, first, second, stats, factors, lm_a,
+                  a_bar)
 
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
     return updates, state._replace(count=optax.safe_increment(count), preconditioner=factors,

@@ -19,6 +19,23 @@ graft the step length.
 Unlike the Kronecker-factored optimizers of this package, Shampoo needs only the gradient: it
 does not use :func:`~eva_optax.scale_by_kronecker` and preconditions every tensor of rank ≥ 2
 (layer kernels, embeddings, …), not only captured layers.
+
+Blocks of equal shape are stacked, and all statistics of equal size and root order get their
+roots in one vmapped computation, so compile time grows with the number of distinct block
+sizes, not with the number of blocks or layers. Roots are float64 when ``jax_enable_x64`` is
+on, and a root that is not finite or whose residual max |X^p S_ε − I| exceeds 0.1 is discarded
+(the previous root is kept).
+
+Bad numbers: a tensor whose gradient is not finite, or whose statistics or graft accumulator
+would overflow float32 (entries ≳ 1e18), is skipped for that step — its statistics and graft
+state stay as they were and its update is 0 (NaN for a non-finite gradient, so that
+``optax.apply_if_finite`` skips the step). Roots are computed from statistics divided by their
+largest entry, so finite statistics of any scale keep refreshing.
+
+Explicitly sharded params (``jax.sharding.AxisType.Explicit``): the graft state is sharded like
+each param and the statistics and roots are replicated, from ``init`` on; every preconditioned
+tensor's gradient is gathered for its blocks (no block-to-shard layout yet), and its update is
+resharded like the param.
 """
 
 from __future__ import annotations
@@ -258,9 +275,7 @@ def scale_by_shampoo(
   Args:
     block_size: int ≥ 1 (default 128). Every dimension (after merging consecutive dims whose
       product is ≤ ``block_size``) is cut into blocks of this size plus one remainder block;
-      each block has its own statistics. Blocks of equal shape are stacked, and all statistics
-      of equal size and root order get their roots in one vmapped computation, so compile time
-      grows with the number of distinct block sizes, not with the number of blocks or layers.
+      each block has its own statistics (stacking and compile time: module docstring).
     beta2: β₂ ∈ [0, 1] of the statistics, S ← β₂S + w·G_(i)G_(i)ᵀ with w = 1 if β₂ = 1 (plain
       sums, the original Shampoo; default) else 1 − β₂ (exponential moving average).
     matrix_epsilon: ε > 0: statistics start at εI, and the roots use the ridge ε·λ_max(S)·I
@@ -279,9 +294,8 @@ def scale_by_shampoo(
       Shampoo direction is rescaled to the Frobenius norm of this step.
     graft_beta1, graft_beta2: decays of the Adam/RMSProp graft (defaults 0.9, 0.999).
     graft_epsilon: ε > 0 of the AdaGrad/RMSProp/Adam graft denominators.
-    root_method: ``"newton"`` (coupled Newton iteration, default; matmuls only) or ``"eigh"``.
-      Roots are float64 when ``jax_enable_x64`` is on, and a root that is not finite or whose
-      residual max |X^p S_ε − I| exceeds 0.1 is discarded (the previous root is kept).
+    root_method: ``"newton"`` (coupled Newton iteration, default; matmuls only) or ``"eigh"``
+      (root precision and rejection: module docstring).
     refresh_mesh: ``None`` (default): every device computes every root of a refresh. A
       ``jax.sharding.Mesh``: each group of equal-sized statistics (the stack that gets one
       vmapped root computation) is divided among the mesh's devices and the roots gathered
@@ -294,15 +308,7 @@ def scale_by_shampoo(
     drops into the same training step as :func:`~eva_optax.eva`. Updates have the gradients'
     dtypes; statistics and roots are float32. Under ``pmap``/``shard_map`` average the
     gradients over devices first (as for any optimizer): every replica then computes
-    identical roots. Bad numbers: a tensor whose gradient is not finite, or whose statistics
-    or graft accumulator would overflow float32 (entries ≳ 1e18), is skipped for that step —
-    its statistics and graft state stay as they were and its update is 0 (NaN for a
-    non-finite gradient, so that ``optax.apply_if_finite`` skips the step). Roots are computed
-    from statistics divided by their largest entry, so finite statistics of any scale keep
-    refreshing. Explicitly sharded params (``jax.sharding.AxisType.Explicit``): the graft
-    state is sharded like each param and the statistics and roots are replicated, from ``init``
-    on; every preconditioned tensor's gradient is gathered for its blocks (no block-to-shard
-    layout yet), and its update is resharded like the param.
+    identical roots. Bad numbers and explicitly sharded params: module docstring.
 
   Raises:
     ValueError: a non-positive ``block_size``/``preconditioning_compute_steps``/``matrix_epsilon``
